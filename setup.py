@@ -1,0 +1,30 @@
+"""Installable BasicSR plugin: NLRN and N3Net (NeurIPS 2018) for BasicSR 1.4.2."""
+from setuptools import find_packages, setup
+
+setup(
+    name='nl_plugin',
+    version='0.1.0',
+    description='Non-local restoration (NLRN, N3Net) for BasicSR',
+    long_description=open('README.md', encoding='utf-8').read() if __import__('os').path.exists('README.md') else '',
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['nl_plugin', 'nl_plugin.*']),
+    python_requires='>=3.11',
+    install_requires=[
+        'torch>=2.14,<2.15',
+        'torchvision>=0.29,<0.30',
+        'basicsr==1.4.2',
+        'mmengine',
+        'opencv-python',
+        'lmdb',
+        'numpy>=2',
+        'scikit-image',
+        'tqdm',
+        'pyyaml',
+        'pytest',
+    ],
+    extras_require={
+        # Only needed to read official NLRN TF1 checkpoints (scripts/convert_nlrn_tf.py).
+        'convert': ['tensorflow-cpu'],
+    },
+    entry_points={'console_scripts': ['basicsr = nl_plugin.cli:main']},
+)
