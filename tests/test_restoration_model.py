@@ -1,0 +1,133 @@
+"""RestorationModel features, exercised on a model built from an option dict (no CLI)."""
+import pytest
+import torch
+from torch import nn
+from basicsr.models import build_model
+from basicsr.utils.registry import ARCH_REGISTRY
+
+
+class _TestPointNet(nn.Module):
+    """Tiny per-pixel network, registered for these tests only."""
+
+    def __init__(self, num_in_ch=1, num_out_ch=1, num_feat=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(num_in_ch, num_feat, 1), nn.ReLU(), nn.Conv2d(num_feat, num_out_ch, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+if '_TestPointNet' not in ARCH_REGISTRY:
+    ARCH_REGISTRY.register(_TestPointNet)
+
+
+def make_opt(tmp_path, train=None, val=None, **top):
+    opt = {
+        'name': 'unit', 'model_type': 'RestorationModel', 'is_train': True, 'dist': False, 'num_gpu': 0,
+        'rank': 0, 'world_size': 1, 'scale': 1,
+        'network_g': {'type': '_TestPointNet', 'num_in_ch': 1, 'num_out_ch': 1},
+        'path': {'models': str(tmp_path / 'models'), 'training_states': str(tmp_path / 'states')},
+        'train': {'total_iter': 10, 'optim_g': {'type': 'Adam', 'lr': 1e-3},
+                  'scheduler': {'type': 'MultiStepLR', 'milestones': [5], 'gamma': 0.5},
+                  'pixel_opt': {'type': 'SquaredErrorLoss'}},
+    }
+    if train:
+        opt['train'].update(train)
+    if val is not None:
+        opt['val'] = val
+    opt.update(top)
+    return opt
+
+
+def batch(c=1):
+    x = torch.rand(2, c, 8, 8)
+    return {'lq': x, 'gt': x * 0.5, 'lq_path': ['a.png', 'b.png']}
+
+
+def test_weight_decay_groups_exclude_biases(tmp_path):
+    model = build_model(make_opt(tmp_path, train={'optim_g': {
+        'type': 'Adam', 'lr': 1e-3, 'weight_decay': 1e-4, 'no_weight_decay': ['bias$']}}))
+    groups = model.optimizer_g.param_groups
+    assert [g['weight_decay'] for g in groups] == [1e-4, 0.0]
+    names = dict((id(p), n) for n, p in model.net_g.named_parameters())
+    assert all(names[id(p)].endswith('weight') for p in groups[0]['params'])
+    assert all(names[id(p)].endswith('bias') for p in groups[1]['params'])
+
+
+def test_exponential_decay_reaches_lr_end(tmp_path):
+    model = build_model(make_opt(tmp_path, train={'scheduler': {'type': 'ExponentialDecayLR', 'lr_end': 1e-8}}))
+    lrs = []
+    for it in range(1, 11):
+        model.update_learning_rate(it)
+        lrs.append(model.get_current_learning_rate()[0])
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-8, rel=1e-6)
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert max(ratios) == pytest.approx(min(ratios))
+
+
+@pytest.mark.parametrize('mode', ['global_norm', 'per_tensor'])
+def test_grad_clipping(tmp_path, mode):
+    model = build_model(make_opt(tmp_path, train={'grad_clip': {'mode': mode, 'max_norm': 1e-3},
+                                                 'optim_g': {'type': 'SGD', 'lr': 0.0}}))
+    model.feed_data(batch())
+    model.optimize_parameters(1)
+    grads = [p.grad for p in model.net_g.parameters()]
+    if mode == 'global_norm':
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(1e-3, rel=1e-4)
+    else:  # every tensor clipped on its own (TF clip_by_norm)
+        assert all(g.norm().item() == pytest.approx(1e-3, rel=1e-4) for g in grads)
+
+
+def test_residual_learning_adds_input(tmp_path):
+    model = build_model(make_opt(tmp_path, residual_learning=True, val={'metrics': {}}))
+    x = torch.rand(1, 1, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model._forward(model.net_g, x), x + model.net_g(x))
+
+
+def test_nan_loss_raises_clear_error(tmp_path):
+    model = build_model(make_opt(tmp_path))
+    data = batch()
+    data['lq'][0, 0, 0, 0] = float('nan')
+    model.feed_data(data)
+    with pytest.raises(FloatingPointError, match='iter 7: the training loss is not finite'):
+        model.optimize_parameters(7)
+
+
+def test_wrong_channel_count_names_file(tmp_path):
+    model = build_model(make_opt(tmp_path))
+    with pytest.raises(ValueError, match=r'a\.png: input has 3 channels but network_g expects 1'):
+        model.feed_data(batch(c=3))
+
+
+@pytest.mark.parametrize('section,key', [('train', 'grad_clp'), ('val', 'tiles')])
+def test_unknown_option_keys_are_named(tmp_path, section, key):
+    opt = make_opt(tmp_path, val={})
+    opt[section][key] = 1
+    with pytest.raises(KeyError, match=f"{section}: unknown option key.*{key}"):
+        build_model(opt)
+
+
+def test_unknown_network_key_is_named(tmp_path):
+    opt = make_opt(tmp_path)
+    opt['network_g']['num_feats'] = 3
+    with pytest.raises(KeyError, match=r"unknown option key\(s\) \['num_feats'\].*did you mean 'num_feat'"):
+        build_model(opt)
+
+
+def test_unknown_type_suggests_names(tmp_path):
+    opt = make_opt(tmp_path)
+    opt['model_type'] = 'RestorationModle'
+    with pytest.raises(KeyError, match="Did you mean 'RestorationModel'"):
+        build_model(opt)
+
+
+def test_tiled_and_ensemble_inference(tmp_path):
+    plain = build_model(make_opt(tmp_path, val={}))
+    tiled = build_model(make_opt(tmp_path, val={'tile': {'size': 5, 'stride': 3, 'batch': 4}, 'self_ensemble': True}))
+    tiled.net_g.load_state_dict(plain.net_g.state_dict())
+    data = batch()
+    for m in (plain, tiled):
+        m.feed_data(data)
+        m.test()
+    torch.testing.assert_close(tiled.output, plain.output)  # pointwise net: tiling and ensemble are exact
