@@ -145,6 +145,17 @@ def check_kwargs(fn, kwargs, where):
         raise KeyError(f'{where}: unknown option key(s) {bad}{hints}. Valid keys: {valid}')
 
 
+# --- 7. ``parse_options`` keeps ``num_gpu: 1`` (common in BasicSR option files) on a machine without a GPU,
+#        and the model then fails deep inside ``.to('cuda')``. Fall back to the CPU with a clear warning.
+def parse_options(root_path, is_train=True):
+    opt, args = _ORIGINAL['parse_options'](root_path, is_train=is_train)
+    if opt.get('num_gpu', 0) != 0 and not torch.cuda.is_available():
+        print(f"num_gpu: {opt['num_gpu']} was requested but no CUDA device is available; running on the CPU "
+              "(set num_gpu: 0 or auto to silence this).", flush=True)
+        opt['num_gpu'] = 0
+    return opt, args
+
+
 _ORIGINAL = {}
 
 
@@ -166,6 +177,9 @@ def apply():
     _ORIGINAL['init_dist'] = dist_util.init_dist
     dist_util.init_dist = init_dist
     options.init_dist = init_dist  # parse_options holds its own reference
+    import basicsr.test as bsr_test
+    _ORIGINAL['parse_options'] = options.parse_options
+    options.parse_options = bsr_train.parse_options = bsr_test.parse_options = parse_options
     base_model.BaseModel.model_to_device = model_to_device
     bsr_train.load_resume_state = load_resume_state
     registry.Registry.get = registry_get
