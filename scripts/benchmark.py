@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""Speed and memory of the non-local operations and the full networks, measured in one run.
+
+    python scripts/benchmark.py [--quick] [--device cpu|cuda] [--json PATH] [--only SUBSTR ...]
+
+Every case runs in a fresh process (so peak RSS is that case's own), warms up once, then repeats
+until ``--repeats`` runs or ``--budget`` seconds are used (at least one run); the table shows the
+median and the number of runs. CPU memory is the process's peak RSS (``ru_maxrss``, which includes
+about 0.4 GB of Python/torch); GPU memory is ``torch.cuda.max_memory_allocated``. The fp32 matmul
+rate of the machine is measured in the same run, so GFLOP/s figures can be read against it.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# ----------------------------------------------------------------------------- cases
+# Each case: name -> (description, builder). A builder gets (device, quick) and returns a dict with
+# 'fn' (the timed callable), optional 'warmup' (callable run once before timing; default fn),
+# optional 'flops' (per call, for GFLOP/s) and optional 'note'.
+
+
+def _sync(device):
+    import torch
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _image(h, w, device, c=1, batch=1):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(batch, c, h, w, generator=g).to(device)
+
+
+def case_matmul(device, quick):
+    import torch
+    n = 1024 if quick else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return {'fn': lambda: (a @ b, _sync(device)), 'flops': 2 * n**3}
+
+
+def _nlrn(device, **kw):
+    import torch
+    from nl_plugin.archs.nlrn_arch import NLRN
+    net = NLRN(**kw).to(device).eval()
+    torch.set_grad_enabled(False)
+    return net
+
+
+def case_nlrn_window(size):
+    def build(device, quick):
+        h, w = (size if not quick else (size[0] // 4, size[1] // 4))
+        net = _nlrn(device, nl_scope='window', window_size=45)
+        x = _image(h, w, device)
+        small = _image(64, 64, device)
+        return {'fn': lambda: (net(x), _sync(device)), 'warmup': lambda: net(small)}
+    return build
+
+
+def case_nlrn_tiled(size):
+    def build(device, quick):
+        from nl_plugin.ops.tiling import tile_starts, tiled_forward
+        h, w = (size if not quick else (size[0] // 4, size[1] // 4))
+        net = _nlrn(device, nl_scope='patch')
+        n_tiles = len(tile_starts(h, 45, 7)) * len(tile_starts(w, 45, 7))
+        # The whole tiled pass takes many minutes on a CPU: time a horizontal strip of whole rows of
+        # tiles and scale by the tile count (tiles are independent and equally sized).
+        rows = h if device == 'cuda' or quick else 45 + 7 * 9   # 10 rows of tiles
+        x = _image(rows, w, device)
+        part = len(tile_starts(rows, 45, 7)) * len(tile_starts(w, 45, 7))
+        fn = lambda: (tiled_forward(net, x, 45, stride=7, tile_batch=100), _sync(device))  # noqa: E731
+        return {'fn': fn, 'warmup': lambda: tiled_forward(net, _image(45, 45, device), 45, stride=7),
+                'scale': n_tiles / part,
+                'note': f'{n_tiles} tiles; timed {part} and scaled' if part < n_tiles else f'{n_tiles} tiles'}
+    return build
+
+
+def case_n3net(size):
+    def build(device, quick):
+        import torch
+        from nl_plugin.archs.n3net_arch import N3Net
+        h, w = (size if not quick else (size[0] // 4, size[1] // 4))
+        net = N3Net().to(device).eval()
+        torch.set_grad_enabled(False)
+        x = _image(h, w, device)
+        return {'fn': lambda: (net(x), _sync(device)), 'warmup': lambda: net(_image(96, 96, device))}
+    return build
+
+
+def case_train_iter(kind):
+    def build(device, quick):
+        import torch
+        from basicsr.losses import build_loss
+        import nl_plugin  # noqa: F401
+        if kind == 'nlrn':
+            from nl_plugin.archs.nlrn_arch import NLRN
+            net, shape = NLRN(nl_scope='patch'), (16, 1, 43, 43)
+        else:
+            from nl_plugin.archs.n3net_arch import N3Net
+            net, shape = N3Net(), (32, 1, 80, 80)
+        if quick:
+            shape = (max(shape[0] // 8, 2),) + shape[1:]
+        net = net.to(device).train()
+        opt = torch.optim.Adam(net.parameters(), 1e-4)
+        loss_fn = build_loss({'type': 'SquaredErrorLoss'})
+        x = torch.rand(shape, device=device)
+        y = x.clone()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x + 0.1 * torch.randn_like(x)), y)
+            loss.backward()
+            opt.step()
+            _sync(device)
+        return {'fn': step, 'note': f'batch {shape[0]} of {shape[2]}x{shape[3]}'}
+    return build
+
+
+CASES = {
+    'matmul_fp32': ('fp32 matmul rate of this machine', case_matmul),
+    'nlrn_window_481x321': ('NLRN window scope (q=45, T=12), 481x321', case_nlrn_window((321, 481))),
+    'nlrn_window_1024x768': ('NLRN window scope (q=45, T=12), 1024x768', case_nlrn_window((768, 1024))),
+    'nlrn_tiled_481x321': ('NLRN official protocol (patch scope, 45x45 tiles, stride 7), 481x321',
+                           case_nlrn_tiled((321, 481))),
+    'n3net_481x321': ('N3Net (official denoiser), 481x321', case_n3net((321, 481))),
+    'n3net_1024x768': ('N3Net (official denoiser), 1024x768', case_n3net((768, 1024))),
+    'train_iter_nlrn': ('NLRN training iteration (batch 16, 43x43)', case_train_iter('nlrn')),
+    'train_iter_n3net': ('N3Net training iteration (batch 32, 80x80)', case_train_iter('n3net')),
+}
+
+
+def register_op_cases():
+    """Per-op cases (windowed attention, N3 block) against their dense references, if available."""
+    try:
+        from benchmark_ops import OP_CASES  # scripts/benchmark_ops.py
+    except ImportError:
+        return
+    CASES.update(OP_CASES)
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def worker(name, device, quick, repeats, budget):
+    import torch
+    torch.manual_seed(0)
+    build = CASES[name][1]
+    spec = build(device, quick)
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    (spec.get('warmup') or spec['fn'])()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        spec['fn']()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget:
+            break
+    scale = spec.get('scale', 1.0)
+    med = statistics.median(times) * scale
+    out = {'case': name, 'description': CASES[name][0], 'median_s': med, 'runs': len(times),
+           'times_s': [t * scale for t in times], 'note': spec.get('note', '')}
+    if spec.get('flops'):
+        out['gflops'] = spec['flops'] / statistics.median(times) / 1e9
+    if device == 'cuda':
+        out['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        out['peak_mem_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+    for k, v in spec.get('extra', {}).items():
+        out[k] = v
+    return out
+
+
+def run_case(name, args):
+    cmd = [sys.executable, os.path.abspath(__file__), '--_worker', name, '--device', args.device,
+           '--repeats', str(args.repeats), '--budget', str(args.budget)] + (['--quick'] if args.quick else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, 'scripts')]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {'case': name, 'description': CASES[name][0], 'error': ' | '.join(tail)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratios(results):
+    by = {r['case']: r for r in results if 'median_s' in r}
+    out = []
+
+    def add(label, a, b, key='median_s'):
+        if a in by and b in by and by[b].get(key):
+            out.append((label, by[a][key] / by[b][key]))
+    add('NLRN tiled protocol / window scope, time (481x321)', 'nlrn_tiled_481x321', 'nlrn_window_481x321')
+    add('NLRN window 1024x768 / 481x321, time (pixels x5.07)', 'nlrn_window_1024x768', 'nlrn_window_481x321')
+    add('N3Net 1024x768 / 481x321, time (pixels x5.07)', 'n3net_1024x768', 'n3net_481x321')
+    add('N3Net 1024x768 / 481x321, peak memory', 'n3net_1024x768', 'n3net_481x321', 'peak_mem_gb')
+    for r in results:
+        for k, v in r.items():
+            if k.startswith('ratio_'):
+                out.append((f"{r['case']}: {k[6:].replace('_', ' ')}", v))
+    if 'matmul_fp32' in by:
+        rate = by['matmul_fp32']['gflops']
+        for r in results:
+            if r.get('gflops') and r['case'] != 'matmul_fp32':
+                out.append((f"{r['case']}: achieved / matmul GFLOP/s", r['gflops'] / rate))
+    return out
+
+
+def _cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
+        return f'{names[0]} ({os.cpu_count()} cores)'
+    except (OSError, IndexError):
+        return platform.processor() or 'cpu'
+
+
+def print_table(results, meta):
+    print(f"\nnl_plugin benchmark — {meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads"
+          f"{', quick' if meta['quick'] else ''}")
+    head = f"{'case':<24}{'median s':>10}{'runs':>6}{'peak GB':>9}{'GFLOP/s':>9}  note"
+    print(head)
+    print('-' * len(head))
+    for r in results:
+        if 'error' in r:
+            print(f"{r['case']:<24}{'error':>10}  {r['error'][:100]}")
+            continue
+        gf = f"{r['gflops']:.1f}" if r.get('gflops') else ''
+        print(f"{r['case']:<24}{r['median_s']:>10.3f}{r['runs']:>6}{r['peak_mem_gb']:>9.2f}{gf:>9}  {r['note']}")
+    rs = ratios(results)
+    if rs:
+        print('\nratios (same run)')
+        for label, v in rs:
+            print(f'  {label:<70}{v:8.2f}')
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--quick', action='store_true', help='quarter-size images, smaller batches')
+    ap.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    ap.add_argument('--json', default=None, help='also write the figures to this JSON file')
+    ap.add_argument('--repeats', type=int, default=3)
+    ap.add_argument('--budget', type=float, default=120.0, help='seconds of timed runs per case (>= 1 run)')
+    ap.add_argument('--only', nargs='*', default=None, help='run the cases whose name contains one of these')
+    ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    register_op_cases()
+    if args._worker:
+        print(json.dumps(worker(args._worker, args.device, args.quick, args.repeats, args.budget)))
+        return
+    import torch
+    names = [n for n in CASES if not args.only or any(s in n for s in args.only)]
+    if 'matmul_fp32' not in names:
+        names.insert(0, 'matmul_fp32')
+    results = []
+    for name in names:
+        print(f'running {name} ...', file=sys.stderr, flush=True)
+        results.append(run_case(name, args))
+    meta = {'device': args.device, 'quick': args.quick, 'torch': torch.__version__,
+            'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(), 'platform': platform.platform(),
+            'device_name': torch.cuda.get_device_name() if args.device == 'cuda' else _cpu_name(),
+            'date': time.strftime('%Y-%m-%d')}
+    print_table(results, meta)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'meta': meta, 'results': results, 'ratios': dict(ratios(results))}, f, indent=1)
+        print(f'\nwrote {args.json}')
+
+
+if __name__ == '__main__':
+    main()
