@@ -156,6 +156,39 @@ def parse_options(root_path, is_train=True):
     return opt, args
 
 
+# --- 8. ``train_pipeline``/``test_pipeline`` create the output folders, and archive an existing one, BEFORE
+#        the datasets and the network are built: a typo in the option file moves the previous run away
+#        and leaves an empty experiment behind. Build (and so validate) them first, without logging.
+def validate_options(opt):
+    """Build every dataset and the network once so that bad keys/values fail before any folder is touched."""
+    from copy import deepcopy
+
+    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
+    model_cls = MODEL_REGISTRY.get(opt['model_type'])
+    if hasattr(model_cls, 'validate_options'):
+        model_cls.validate_options(opt)
+    for phase, ds_opt in opt.get('datasets', {}).items():
+        ds_opt = deepcopy(ds_opt)
+        try:
+            DATASET_REGISTRY.get(ds_opt.get('type'))(ds_opt)
+        except (KeyError, ValueError, FileNotFoundError, OSError) as err:
+            raise type(err)(f'datasets:{phase}: {err}') from err
+    for key in [k for k in opt if k.startswith('network_')]:
+        net_opt = deepcopy(opt[key])
+        arch = ARCH_REGISTRY.get(net_opt.pop('type', None))
+        check_kwargs(arch, net_opt, where=f'{key} ({arch.__name__})')
+        try:
+            with torch.device('meta'):
+                arch(**net_opt)
+        except (KeyError, ValueError) as err:
+            raise type(err)(f'{key}: {err}') from err
+
+
+def make_exp_dirs(opt):
+    validate_options(opt)
+    _ORIGINAL['make_exp_dirs'](opt)
+
+
 _ORIGINAL = {}
 
 
@@ -169,6 +202,7 @@ def apply():
     import basicsr.archs
     import basicsr.models.base_model as base_model
     import basicsr.models.sr_model as sr_model
+    import basicsr.test as bsr_test
     import basicsr.train as bsr_train
     import basicsr.utils.dist_util as dist_util
     import basicsr.utils.options as options
@@ -177,11 +211,12 @@ def apply():
     _ORIGINAL['init_dist'] = dist_util.init_dist
     dist_util.init_dist = init_dist
     options.init_dist = init_dist  # parse_options holds its own reference
-    import basicsr.test as bsr_test
     _ORIGINAL['parse_options'] = options.parse_options
     options.parse_options = bsr_train.parse_options = bsr_test.parse_options = parse_options
     base_model.BaseModel.model_to_device = model_to_device
     bsr_train.load_resume_state = load_resume_state
+    _ORIGINAL['make_exp_dirs'] = bsr_train.make_exp_dirs
+    bsr_train.make_exp_dirs = bsr_test.make_exp_dirs = make_exp_dirs
     registry.Registry.get = registry_get
     basicsr.archs.build_network = build_network
     sr_model.build_network = build_network  # SRModel imported the name directly

@@ -60,7 +60,7 @@ class RestorationModel(SRModel):
     """
 
     def __init__(self, opt):
-        self._validate_options(opt)
+        self.validate_options(opt)
         self.residual_learning = bool(opt.get('residual_learning', False))
         super().__init__(opt)
         self._expected_in_ch = self._first_layer_channels(self.get_bare_model(self.net_g))
@@ -68,7 +68,8 @@ class RestorationModel(SRModel):
 
     # ------------------------------------------------------------------ options
     @staticmethod
-    def _validate_options(opt):
+    def validate_options(opt):
+        """Raise ``KeyError``/``ValueError`` naming any unknown or bad ``train``/``val`` option."""
         if opt.get('is_train'):
             if 'train' not in opt:
                 raise KeyError('option "train" is missing')
