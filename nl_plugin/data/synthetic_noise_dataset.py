@@ -53,7 +53,7 @@ class SyntheticNoiseDataset(data.Dataset):
             noise_type (str): ``gaussian`` (default) or ``heteroscedastic``.
             sigma (float | list): Gaussian std on the 0-255 scale, or ``[lo, hi]`` for blind training
                 (drawn uniformly per sample). ``sigma_range`` is an alias for the list form. Default 25.
-            noise_seed (int): added to the name-derived validation seed. Default 0.
+            noise_seed (int): starting value of the name CRC32 that seeds validation noise. Default 0.
             clip (bool): clip the noisy image to [0, 1]. Default False (both papers).
             sigma_s, sigma_r (float | list): heteroscedastic noise, variance ``sigma_s * x + sigma_r**2``
                 for a clean intensity x in [0, 1]; numbers or ``[lo, hi]`` ranges.
