@@ -26,6 +26,12 @@ BASICSR_KEYS = frozenset({
 
 PHASES = ('train', 'val', 'test')
 
+#: One FileClient per LMDB and per process tree. lmdb >= 3 refuses to open an environment twice in a
+#: process (and a forked DataLoader worker inherits that bookkeeping), so datasets that share an LMDB
+#: (train and val, or two instances) must share its handle; readonly, lock-free handles inherited
+#: through fork() read fine in the worker.
+_LMDB_CLIENTS = {}
+
 
 def check_option_keys(opt, allowed, dataset_type):
     """Raise ``KeyError`` naming every key of ``opt`` that is neither in ``allowed`` nor a BasicSR key.
@@ -176,14 +182,32 @@ class ImageSource:
                 self.paths = sorted(p for p in paths_from_folder(self.root) if p.lower().endswith(IMG_EXTENSIONS))
             else:
                 self.paths = [osp.join(self.root, n) for n in _meta_names(meta)]
+            if io_opt:
+                raise KeyError(f'{dataset_type}: io_backend type disk takes no other keys, got {sorted(io_opt)}')
             self._io_kwargs = io_opt
         if not self.paths:
             raise ValueError(f'{dataset_type}: no images found in dataroot_gt {self.root!r}'
                              + (f' (meta_info_file {meta!r})' if meta else ''))
-        self._client = None  # opened lazily, in each DataLoader worker (LMDB handles must not be forked)
+        self._client = None  # opened lazily on the first read (never pickled: see __getstate__)
 
     def __len__(self):
         return len(self.paths)
+
+    def __getstate__(self):  # spawn-started DataLoader workers pickle the dataset: no open handles
+        state = dict(self.__dict__)
+        state['_client'] = None
+        return state
+
+    def _get_client(self):
+        if self._client is None:
+            if self.backend == 'lmdb':
+                key = (osp.realpath(self.root), tuple(sorted((k, repr(v)) for k, v in self._io_kwargs.items())))
+                if key not in _LMDB_CLIENTS:
+                    _LMDB_CLIENTS[key] = FileClient('lmdb', **self._io_kwargs)
+                self._client = _LMDB_CLIENTS[key]
+            else:
+                self._client = FileClient('disk')
+        return self._client
 
     def describe(self, path):
         """Human-readable location of ``path`` for error messages."""
@@ -196,14 +220,13 @@ class ImageSource:
         both naming the file.
         """
         path = self.paths[index]
-        if self._client is None:
-            self._client = FileClient(self.backend, **self._io_kwargs)
+        client = self._get_client()
         if self.backend == 'disk':
             if not osp.isfile(path):
                 raise FileNotFoundError(f'{self.dataset_type}: image file {str(path)!r} does not exist')
-            content = self._client.get(path)
+            content = client.get(path)
         else:
-            content = self._client.get(path, 'gt')
+            content = client.get(path, 'gt')
             if content is None:
                 raise FileNotFoundError(f'{self.dataset_type}: key {path!r} is missing from LMDB {self.root!r}')
         return decode_image(content, self.describe(path), self.dataset_type)
