@@ -294,6 +294,8 @@ def test_bad_sr_option_values_name_the_key(photos):
         BicubicDegradationDataset(_sr_opt(photos, phase='train', scale=[2, 3], gt_size=20))
     with pytest.raises(ValueError, match='scale'):
         BicubicDegradationDataset(_sr_opt(photos, scale=[2, -3]))
+    with pytest.raises(ValueError, match='upsample: true or batch_size_per_gpu: 1'):
+        BicubicDegradationDataset(_sr_opt(photos, phase='train', scale=[2, 4], gt_size=16, batch_size_per_gpu=8))
     with pytest.raises(ValueError, match='y_only'):
         BicubicDegradationDataset(_sr_opt(photos, y_only=True, color='rgb'))
 

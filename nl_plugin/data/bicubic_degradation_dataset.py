@@ -109,6 +109,10 @@ class BicubicDegradationDataset(data.Dataset):
         self.use_rot = bool(opt.get('use_rot', True))
         self.upsample = bool(opt.get('upsample', False))
         self.round_lr = bool(opt.get('round_lr', False))
+        if (self.phase == 'train' and len(self.scales) > 1 and not self.upsample
+                and int(opt.get('batch_size_per_gpu', 1) or 1) > 1):
+            raise ValueError(f'{name}: scales {self.scales} without upsample: true give LR patches of different sizes, '
+                             'which cannot share a batch; set upsample: true or batch_size_per_gpu: 1')
         self.degrade_full_image = bool(opt.get('degrade_full_image', False))
         self.return_cbcr = bool(opt.get('return_cbcr', True))
 
