@@ -16,7 +16,7 @@ import yaml
 
 from conftest import ROOT, basicsr_cmd
 
-ARCH = {'type': 'DnCNN', 'num_in_ch': 1, 'num_out_ch': 1, 'num_feat': 8, 'num_block': 3}
+ARCH = {'type': 'DnCNN', 'num_in_ch': 1, 'num_out_ch': 1, 'num_feat': 8, 'depth': 3}
 
 
 def _free_port():
