@@ -1,0 +1,507 @@
+"""Non-local attention with correlation propagation (NLRN, Liu et al., NeurIPS 2018), as pure functions.
+
+All feature tensors here are channels-last: ``q``/``k`` are (B, H, W, D) embeddings, ``v`` is (B, H, W, C).
+A non-local step computes, for every query pixel i and every key pixel j in its neighbourhood,
+
+    L_t(i, j) = L_{t-1}(i, j) + q_t(i) . k_t(j)        (NLRN eq. 5-6, no 1/sqrt(d) scaling)
+    out(i)    = sum_j A(i, j) v(j),   A = softmax_j L_t(i, j)     ("softmax" normalisation)
+                                   or A = L_t(i, j) / N_i           ("count": dot-product variants,
+                                                                      N_i = number of valid keys)
+
+Two neighbourhoods ("scopes"):
+
+* global: every pixel of the tensor attends to every pixel (official NLRN code, 43x43 training
+  patches / 45x45 test tiles). ``global_attention``.
+* window: every pixel attends to the q x q window centred on it (the paper's description).
+  ``window_attention``. At the border, out-of-image neighbours are either excluded from the
+  normalisation (``border='exclude'``) or taken from the opposite side (``border='circular'``).
+
+Correlation propagation can carry either the accumulated logits (``window_attention(...,
+prev_logits=...)``, compact per-window layout (B, H, W, P)) or, equivalently, the concatenated
+embeddings, since L_t = [q_1..q_t] . [k_1..k_t]^T. ``propagated_attention`` picks the
+representation at run time and is the function a network calls once per step.
+
+Every function has a naive dense counterpart (``dense_attention_reference``) built from an explicit
+window mask over full attention, used by the tests.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+NORMALIZATIONS = ('softmax', 'count')
+BORDERS = ('exclude', 'circular')
+
+__all__ = [
+    'CorrelationState', 'window_mask', 'dense_attention_reference', 'global_attention',
+    'window_attention', 'propagated_attention', 'euclidean_embeddings', 'check_window_args'
+]
+
+
+class CorrelationState(NamedTuple):
+    """Correlation carried from one non-local step to the next (NLRN correlation propagation).
+
+    Exactly one representation is set:
+
+    * ``q``, ``k``: concatenated embeddings of all steps so far, (B, H, W, D*t) each.
+    * ``logits``: accumulated window logits in the compact layout of ``window_attention``,
+      (B, H, W, P).
+    """
+    q: Optional[torch.Tensor] = None
+    k: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+
+
+def check_window_args(window_size, border, normalization='softmax'):
+    """Validate the neighbourhood arguments; returns the window size as int (0 = global)."""
+    if border not in BORDERS:
+        raise ValueError(f'border must be one of {BORDERS}, got {border!r}')
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f'normalization must be one of {NORMALIZATIONS}, got {normalization!r}')
+    if window_size is None:
+        return 0
+    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 0:
+        raise ValueError(f'window_size must be a non-negative int or None, got {window_size!r}')
+    if window_size and window_size % 2 == 0:
+        raise ValueError(f'window_size must be odd (window centred on the pixel), got {window_size}')
+    return window_size
+
+
+def _check_qkv(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError('q, k, v must be channels-last (B, H, W, D); got shapes '
+                         f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    if q.shape != k.shape:
+        raise ValueError(f'q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}')
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f'v must share (B, H, W) with q, got {tuple(v.shape)} and {tuple(q.shape)}')
+
+
+def euclidean_embeddings(x):
+    """Embeddings whose dot product is the Euclidean correlation, up to a per-query constant.
+
+    -||x_i - x_j||^2 = 2 x_i.x_j - ||x_j||^2 - ||x_i||^2; the last term is constant over the keys of
+    query i (also after summation over steps), so softmax over keys is unchanged without it.
+
+    Args:
+        x (Tensor): (B, H, W, C) features.
+
+    Returns:
+        tuple[Tensor, Tensor]: q = [2x, -1] and k = [x, ||x||^2], both (B, H, W, C+1).
+    """
+    q = torch.cat([2 * x, -torch.ones_like(x[..., :1])], dim=-1)
+    k = torch.cat([x, (x * x).sum(-1, keepdim=True)], dim=-1)
+    return q, k
+
+
+# ----------------------------------------------------------------------------- dense reference
+
+
+def window_mask(h, w, window_size, border='exclude', device=None):
+    """Boolean (N, N) mask, N = h*w (row-major): True where key j is in the window of query i.
+
+    Args:
+        h, w (int): Image size.
+        window_size (int | None): Odd window side q; None or 0 = whole image (global).
+        border (str): 'exclude' (plain distance, out-of-image keys do not exist) or 'circular'
+            (wrap-around distance).
+    """
+    window_size = check_window_args(window_size, border)
+    n = h * w
+    if not window_size:
+        return torch.ones(n, n, dtype=torch.bool, device=device)
+    r = window_size // 2
+    ys = torch.arange(h, device=device).repeat_interleave(w)
+    xs = torch.arange(w, device=device).repeat(h)
+    dy = (ys[:, None] - ys[None, :]).abs()
+    dx = (xs[:, None] - xs[None, :]).abs()
+    if border == 'circular':
+        dy = torch.minimum(dy, h - dy)
+        dx = torch.minimum(dx, w - dx)
+    return (dy <= r) & (dx <= r)
+
+
+def dense_attention_reference(q, k, v, window_size=None, border='exclude', normalization='softmax',
+                              prev_logits=None):
+    """Naive dense non-local step: full N x N logits with an explicit window mask.
+
+    Args:
+        q, k (Tensor): (B, H, W, D) embeddings.
+        v (Tensor): (B, H, W, C) values.
+        window_size (int | None): Odd window side; None/0 = global attention.
+        border (str): 'exclude' or 'circular' (see ``window_mask``).
+        normalization (str): 'softmax' or 'count' (divide by the number of valid keys).
+        prev_logits (Tensor, optional): (B, N, N) logits carried from the previous step.
+
+    Returns:
+        tuple[Tensor, Tensor]: out (B, H, W, C) and the accumulated logits (B, N, N).
+    """
+    _check_qkv(q, k, v)
+    b, h, w, d = q.shape
+    mask = window_mask(h, w, window_size, border, device=q.device)
+    logits = q.reshape(b, h * w, d) @ k.reshape(b, h * w, d).transpose(1, 2)
+    if prev_logits is not None:
+        logits = logits + prev_logits
+    if normalization == 'softmax':
+        attn = torch.softmax(logits.masked_fill(~mask, float('-inf')), dim=-1)
+    else:
+        attn = logits.masked_fill(~mask, 0) / mask.sum(-1, keepdim=True)
+    out = attn @ v.reshape(b, h * w, -1)
+    return out.reshape(b, h, w, -1), logits
+
+
+# ----------------------------------------------------------------------------- global scope
+
+
+def global_attention(q, k, v, normalization='softmax'):
+    """Attention of every pixel over the whole tensor (official NLRN scope), memory-light.
+
+    Softmax uses ``F.scaled_dot_product_attention`` (scale 1, as NLRN has no 1/sqrt(d)); the
+    'count' normalisation is linear attention: q (k^T v) / N, never forming the N x N matrix.
+
+    Args:
+        q, k (Tensor): (B, H, W, D). v (Tensor): (B, H, W, C).
+        normalization (str): 'softmax' or 'count'.
+
+    Returns:
+        Tensor: (B, H, W, C).
+    """
+    _check_qkv(q, k, v)
+    b, h, w, d = q.shape
+    c = v.shape[-1]
+    qf, kf, vf = q.reshape(b, 1, h * w, d), k.reshape(b, 1, h * w, d), v.reshape(b, 1, h * w, c)
+    if normalization == 'count':
+        out = (qf @ (kf.transpose(-1, -2) @ vf)) / (h * w)
+    elif normalization == 'softmax':
+        # The fused CPU kernel needs equal head sizes: zero-padding q/k (or v) changes nothing.
+        if d < c:
+            qf, kf = F.pad(qf, (0, c - d)), F.pad(kf, (0, c - d))
+        elif c < d and not q.is_cuda:
+            vf = F.pad(vf, (0, d - c))
+        out = F.scaled_dot_product_attention(qf, kf, vf, scale=1.0)[..., :c]
+    else:
+        raise ValueError(f'normalization must be one of {NORMALIZATIONS}, got {normalization!r}')
+    return out.reshape(b, h, w, c)
+
+
+# ----------------------------------------------------------------------------- window scope
+
+
+def _window_geometry(h, w, window_size, border):
+    r = window_size // 2
+    if border == 'circular':
+        if window_size > h or window_size > w:
+            raise ValueError(f"border='circular' needs window_size <= image size, got window_size="
+                             f'{window_size} for a {h}x{w} image')
+        return r, r, r
+    # Keys further than h-1 (w-1) rows (columns) away are never inside the image.
+    return r, min(r, h - 1), min(r, w - 1)
+
+
+def compact_window_size(h, w, window_size, border='exclude'):
+    """Number P of entries per pixel in the compact logits layout of ``window_attention``."""
+    window_size = check_window_args(window_size, border)
+    _, py, px = _window_geometry(h, w, window_size, border)
+    return (2 * py + 1) * (2 * px + 1)
+
+
+def _padded_index(n, pad_lo, pad_hi, circular, device):
+    pos = torch.arange(-pad_lo, n + pad_hi, device=device)
+    valid = (pos >= 0) & (pos < n)
+    idx = pos % n if circular else pos.clamp(0, n - 1)
+    return idx, valid | circular
+
+
+def _default_block(h, w):
+    return max(1, min(8, h, w))
+
+
+def window_attention(q, k, v, window_size, border='exclude', normalization='softmax', prev_logits=None,
+                     return_logits=False, block_size=None):
+    """Every pixel attends to the ``window_size`` x ``window_size`` window centred on it.
+
+    Blocked "halo" algorithm: a block of b x b queries attends to its (b+2r) x (b+2r) key region
+    with dense batched matmuls and a mask, one row of blocks at a time, so memory stays
+    O(W * b * (b+2r)^2) besides the optional carried logits. Differentiable (pure torch ops).
+
+    Carried logits use a compact layout: ``logits[b, y, x, (dy+py)*(2px+1) + (dx+px)]`` for the
+    neighbour (y+dy, x+dx), |dy| <= py, |dx| <= px, where (py, px) = (r, r) except for border
+    'exclude' on images smaller than the window ((h-1, w-1) then). Entries for out-of-image
+    neighbours are unspecified.
+
+    Args:
+        q, k (Tensor): (B, H, W, D) embeddings. v (Tensor): (B, H, W, C) values.
+        window_size (int): Odd window side q (>= 1).
+        border (str): 'exclude' (out-of-image neighbours are left out of the normalisation) or
+            'circular' (wrap-around; needs q <= H and q <= W).
+        normalization (str): 'softmax' or 'count'.
+        prev_logits (Tensor, optional): (B, H, W, P) carried logits (see above). When autograd is
+            not recording for it, it is updated IN PLACE to the new logits to save memory.
+        return_logits (bool): Also return the accumulated logits (B, H, W, P).
+        block_size (int, optional): Query block side b (default: chosen from the size).
+
+    Returns:
+        Tensor | tuple[Tensor, Tensor]: out (B, H, W, C) [, logits (B, H, W, P)].
+    """
+    _check_qkv(q, k, v)
+    window_size = check_window_args(window_size, border, normalization)
+    if window_size == 0:
+        raise ValueError('window_attention needs a window_size >= 1; use global_attention for global')
+    bsz, h, w, d = q.shape
+    c = v.shape[-1]
+    r, py, px = _window_geometry(h, w, window_size, border)
+    kh, kw = 2 * py + 1, 2 * px + 1
+    p = kh * kw
+    if prev_logits is not None and tuple(prev_logits.shape) != (bsz, h, w, p):
+        raise ValueError(f'prev_logits must have shape {(bsz, h, w, p)} (compact window layout), '
+                         f'got {tuple(prev_logits.shape)}')
+    tensors = (q, k, v) if prev_logits is None else (q, k, v, prev_logits)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_logits,
+                                        return_logits, block_size or _FAST_BLOCK)
+    b = block_size or _default_block(h, w)
+    nby, nbx = -(-h // b), -(-w // b)
+    hq, wq = nby * b, nbx * b
+    rh, rw = b + 2 * py, b + 2 * px
+    dev = q.device
+    circ = border == 'circular'
+
+    # Padded keys/values (rows -py .. hq+py, cols -px .. wq+px) and which of them are in the image.
+    iy, vy = _padded_index(h, py, py + hq - h, circ, dev)
+    ix, vx = _padded_index(w, px, px + wq - w, circ, dev)
+    kp = k.index_select(1, iy).index_select(2, ix)
+    vp = v.index_select(1, iy).index_select(2, ix)
+    qp = F.pad(q, (0, 0, 0, wq - w, 0, hq - h))
+
+    # Static geometry of one block: query (i, j) vs region cell (u, s).
+    ar_b = torch.arange(b, device=dev)
+    du = torch.arange(rh, device=dev)[None, :] - py - ar_b[:, None]            # (b, rh) = dy
+    ds = torch.arange(rw, device=dev)[None, :] - px - ar_b[:, None]            # (b, rw) = dx
+    out_win = ((du.abs() > r)[:, None, :, None] | (ds.abs() > r)[None, :, None, :]).reshape(b * b, rh * rw)
+    # Compact index: query (i, j), offset (dy, dx) -> region cell (i+dy+py, j+dx+px).
+    oy = torch.arange(kh, device=dev)[None, :] + ar_b[:, None]                  # (b, kh)
+    ox = torch.arange(kw, device=dev)[None, :] + ar_b[:, None]                  # (b, kw)
+    cidx = (oy[:, None, :, None] * rw + ox[None, :, None, :]).reshape(b * b, p)
+    key_ok_x = vx.unfold(0, rw, b)                                               # (nbx, rw)
+    q_real_x = (torch.arange(wq, device=dev) < w).view(nbx, b)                   # (nbx, b)
+
+    tensors = (q, k, v) if prev_logits is None else (q, k, v, prev_logits)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    inplace = prev_logits is not None and not grad
+    outs, logit_rows = [], []
+    out_buf = None if grad else q.new_empty(bsz, h, w, c)
+    logit_buf = None
+    if return_logits and not grad:
+        logit_buf = prev_logits if inplace else q.new_empty(bsz, h, w, p)
+
+    for by in range(nby):
+        y0 = by * b
+        yn = min(b, h - y0)                                                      # real query rows
+        qb = qp[:, y0:y0 + b].reshape(bsz, b, nbx, b, d).permute(0, 2, 1, 3, 4).reshape(bsz * nbx, b * b, d)
+        kr = kp[:, y0:y0 + rh].unfold(2, rw, b)                                  # (B, rh, nbx, d, rw)
+        kr = kr.permute(0, 2, 1, 4, 3).reshape(bsz * nbx, rh * rw, d)
+        vr = vp[:, y0:y0 + rh].unfold(2, rw, b).permute(0, 2, 1, 4, 3).reshape(bsz * nbx, rh * rw, c)
+        s = torch.bmm(qb, kr.transpose(1, 2)).view(bsz, nbx, b * b, rh * rw)
+        idx = cidx.expand(bsz, nbx, b * b, p)
+        if prev_logits is not None:
+            prev = prev_logits[:, y0:y0 + yn]
+            prev = F.pad(prev, (0, 0, 0, wq - w, 0, b - yn))
+            prev = prev.reshape(bsz, b, nbx, b, p).permute(0, 2, 1, 3, 4).reshape(bsz, nbx, b * b, p)
+            s = s.scatter_add_(3, idx, prev) if not grad else s.scatter_add(3, idx, prev)
+        if return_logits:
+            lc = s.gather(3, idx).view(bsz, nbx, b, b, p).permute(0, 2, 1, 3, 4).reshape(bsz, b, wq, p)
+            lc = lc[:, :yn, :w]
+            if grad:
+                logit_rows.append(lc)
+            else:
+                logit_buf[:, y0:y0 + yn] = lc
+        # Invalid = outside the window or outside the image; padded (dummy) queries keep all keys.
+        key_ok = vy[y0:y0 + rh][None, :, None] & key_ok_x[:, None, :]            # (nbx, rh, rw)
+        q_real = ((ar_b < yn)[None, :, None] & q_real_x[:, None, :]).reshape(nbx, b * b)
+        invalid = (out_win[None] | ~key_ok.reshape(nbx, 1, rh * rw)) & q_real[:, :, None]
+        if normalization == 'softmax':
+            if grad:
+                a = torch.softmax(s.masked_fill(invalid, float('-inf')), dim=-1)
+            else:
+                a = torch.softmax(s.masked_fill_(invalid, float('-inf')), dim=-1)
+        else:
+            count = (~invalid).sum(-1, keepdim=True).to(s.dtype)
+            a = s.masked_fill(invalid, 0) / count
+        o = torch.bmm(a.view(bsz * nbx, b * b, rh * rw), vr)                     # (B*nbx, b*b, c)
+        o = o.view(bsz, nbx, b, b, c).permute(0, 2, 1, 3, 4).reshape(bsz, b, wq, c)[:, :yn, :w]
+        if grad:
+            outs.append(o)
+        else:
+            out_buf[:, y0:y0 + yn] = o
+    out = torch.cat(outs, 1) if grad else out_buf
+    if not return_logits:
+        return out
+    logits = torch.cat(logit_rows, 1) if grad else logit_buf
+    return out, logits
+
+
+
+_FAST_BLOCK = 8
+_CHUNK_BYTES = 3 * 2**20     # logits of one chunk of query blocks stay cache-resident
+
+
+@torch.no_grad()
+def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_logits, return_logits, b):
+    """Inference path of ``window_attention``: same result, cache-sized chunks, no index tensors.
+
+    The in-window logits of query (i, j) are the (kh, kw) sub-block of its halo logits starting at
+    region cell (i, j); over a block they form the strided view ``_compact_view`` (no gather).
+    Softmax runs on the compact layout, then the weights are written back into the zeroed halo
+    matrix for the value matmul.
+    """
+    bsz, h, w, d = q.shape
+    c = v.shape[-1]
+    kh, kw = 2 * py + 1, 2 * px + 1
+    p = kh * kw
+    nby, nbx = -(-h // b), -(-w // b)
+    hq, wq = nby * b, nbx * b
+    rh, rw = b + 2 * py, b + 2 * px
+    rr = rh * rw
+    dev = q.device
+    circ = border == 'circular'
+    iy, vy = _padded_index(h, py, py + hq - h, circ, dev)
+    ix, vx = _padded_index(w, px, px + wq - w, circ, dev)
+    nb = max(1, min(nbx, _CHUNK_BYTES // (b * b * rr * q.element_size())))
+    out = q.new_empty(bsz, h, w, c)
+    logits = None
+    if return_logits:
+        logits = prev_logits if prev_logits is not None else q.new_empty(bsz, h, w, p)
+    ar_b = torch.arange(b, device=dev)
+    offy = torch.arange(kh, device=dev) - py
+    offx = torch.arange(kw, device=dev) - px
+    for bi in range(bsz):
+        if circ:
+            kp, vp = k[bi][iy][:, ix], v[bi][iy][:, ix]
+        else:   # zero padding; out-of-image keys are masked below
+            kp = F.pad(k[bi], (0, 0, px, px + wq - w, py, py + hq - h))
+            vp = F.pad(v[bi], (0, 0, px, px + wq - w, py, py + hq - h))
+        qp = F.pad(q[bi], (0, 0, 0, wq - w, 0, hq - h))
+        for by in range(nby):
+            y0 = by * b
+            yn = min(b, h - y0)
+            for bx0 in range(0, nbx, nb):
+                m = min(nb, nbx - bx0)
+                x0 = bx0 * b
+                xn = min(m * b, w - x0)
+                qb = qp[y0:y0 + b, x0:x0 + m * b].reshape(b, m, b, d).transpose(0, 1).reshape(m, b * b, d)
+                kr = kp[y0:y0 + rh, x0:x0 + (m - 1) * b + rw].unfold(1, rw, b)       # (rh, m, d, rw)
+                kr = kr.permute(1, 0, 3, 2).reshape(m, rr, d)
+                vr = vp[y0:y0 + rh, x0:x0 + (m - 1) * b + rw].unfold(1, rw, b)
+                vr = vr.permute(1, 0, 3, 2).reshape(m, rr, c)
+                s = torch.bmm(qb, kr.transpose(1, 2))                                  # (m, b*b, rr)
+                cview = _compact_view(s, b, rh, rw, kh, kw)                           # (m, b, b, kh, kw)
+                if prev_logits is not None:
+                    prev = prev_logits[bi, y0:y0 + yn, x0:x0 + xn]
+                    if yn < b or xn < m * b:
+                        prev = F.pad(prev, (0, 0, 0, m * b - xn, 0, b - yn))
+                    lg = cview + prev.reshape(b, m, b, kh, kw).transpose(0, 1)
+                else:
+                    lg = cview.contiguous()
+                if return_logits:
+                    logits[bi, y0:y0 + yn, x0:x0 + xn] = \
+                        lg.transpose(0, 1).reshape(b, m * b, p)[:yn, :xn]
+                interior = circ or (y0 - py >= 0 and y0 + b + py <= h and x0 - px >= 0 and x0 + m * b + px <= w)
+                if interior:
+                    lg = lg.view(m, b * b, p)
+                    lg = torch.softmax(lg, dim=-1) if normalization == 'softmax' else lg / p
+                else:
+                    # Out-of-image keys; dummy (padding) queries keep every key so no row is empty.
+                    ky = y0 + ar_b[:, None] + offy[None, :]                                # (b, kh)
+                    kx = x0 + torch.arange(m * b, device=dev)[:, None] + offx[None, :]      # (m*b, kw)
+                    ok_y = ((ky >= 0) & (ky < h)) | (y0 + ar_b >= h)[:, None]
+                    ok_x = ((kx >= 0) & (kx < w)) | (x0 + torch.arange(m * b, device=dev) >= w)[:, None]
+                    bias_y = torch.zeros(b, kh, dtype=lg.dtype, device=dev).masked_fill_(~ok_y, float('-inf'))
+                    bias_x = torch.zeros(m * b, kw, dtype=lg.dtype, device=dev).masked_fill_(~ok_x, float('-inf'))
+                    lg = lg + bias_y.view(1, b, 1, kh, 1) + bias_x.view(m, 1, b, 1, kw)
+                    lg = lg.view(m, b * b, p)
+                    if normalization == 'softmax':
+                        lg = torch.softmax(lg, dim=-1)
+                    else:
+                        valid = torch.isfinite(lg)
+                        lg = lg.masked_fill(~valid, 0.) / valid.sum(-1, keepdim=True)
+                s.zero_()
+                cview.copy_(lg.view(m, b, b, kh, kw))
+                o = torch.bmm(s, vr)                                                   # (m, b*b, c)
+                out[bi, y0:y0 + yn, x0:x0 + xn] = o.view(m, b, b, c).transpose(0, 1).reshape(b, m * b, c)[:yn, :xn]
+    return (out, logits) if return_logits else out
+
+
+def _compact_view(s, b, rh, rw, kh, kw):
+    """(m, b*b, rh*rw) halo logits -> strided view (m, b, b, kh, kw) of the in-window entries."""
+    rr = rh * rw
+    m = s.shape[0]
+    st = s.stride()
+    return s.as_strided((m, b, b, kh, kw), (st[0], b * rr + rw, rr + 1, rw, 1), s.storage_offset())
+
+
+# ----------------------------------------------------------------------------- one propagated step
+
+
+def _available_memory_bytes(device):
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def _store_logits_auto(q, p):
+    """Run-time choice of the carried-state representation for the window scope.
+
+    Stored logits cost P floats per pixel but make every step O(P * D); concatenated embeddings
+    cost 2*D*t floats per pixel and O(P * D * t) per step. Logits are kept while they fit 40% of
+    the currently available memory.
+    """
+    need = q.shape[0] * q.shape[1] * q.shape[2] * p * q.element_size()
+    return need <= 0.4 * _available_memory_bytes(q.device)
+
+
+def propagated_attention(q, k, v, state=None, window_size=None, border='exclude', normalization='softmax',
+                         propagate=True, store_logits=None):
+    """One non-local step with correlation propagation; the function a network calls per step.
+
+    Args:
+        q, k (Tensor): (B, H, W, D) embeddings of this step. v (Tensor): (B, H, W, C).
+        state (CorrelationState, optional): Returned by the previous step (None at the first).
+        window_size (int | None): Odd window side; None or 0 = global attention over the tensor.
+        border (str): 'exclude' or 'circular' (window scope only).
+        normalization (str): 'softmax' or 'count'.
+        propagate (bool): Carry the correlation to the next step. If False, returns state None.
+        store_logits (bool, optional): Window scope: carry logits (True) or concatenated
+            embeddings (False). Default: decided at run time from size and free memory.
+
+    Returns:
+        tuple[Tensor, CorrelationState | None]: out (B, H, W, C) and the new state.
+    """
+    window_size = check_window_args(window_size, border, normalization)
+    if state is not None and state.q is not None:
+        q = torch.cat([state.q, q], dim=-1)
+        k = torch.cat([state.k, k], dim=-1)
+    if not window_size:
+        if state is not None and state.logits is not None:
+            raise ValueError('global attention carries embeddings, not logits')
+        out = global_attention(q, k, v, normalization)
+        return out, (CorrelationState(q=q, k=k) if propagate else None)
+    if state is not None and state.logits is not None:
+        out, logits = window_attention(q, k, v, window_size, border, normalization,
+                                       prev_logits=state.logits, return_logits=propagate)
+        return out, (CorrelationState(logits=logits) if propagate else None)
+    if propagate and state is None:
+        if store_logits is None:
+            store_logits = _store_logits_auto(q, compact_window_size(q.shape[1], q.shape[2], window_size, border))
+        if store_logits:
+            out, logits = window_attention(q, k, v, window_size, border, normalization, return_logits=True)
+            return out, CorrelationState(logits=logits)
+    out = window_attention(q, k, v, window_size, border, normalization)
+    return out, (CorrelationState(q=q, k=k) if propagate else None)
