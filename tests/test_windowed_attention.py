@@ -1,0 +1,141 @@
+"""Windowed / global non-local attention with correlation propagation vs naive dense references."""
+import pytest
+import torch
+
+from nl_plugin.ops.windowed_attention import (CorrelationState, dense_attention_reference, euclidean_embeddings,
+                                              global_attention, propagated_attention, window_attention, window_mask)
+
+
+def _qkv(b, h, w, d=3, c=4, grad=False):
+    t = [torch.randn(b, h, w, n, dtype=torch.float64, requires_grad=grad) for n in (d, d, c)]
+    return t
+
+
+CASES = [  # h, w, window, border, normalization
+    (7, 9, 3, 'exclude', 'softmax'),
+    (9, 7, 5, 'circular', 'softmax'),
+    (5, 4, 45, 'exclude', 'softmax'),      # image smaller than the window
+    (10, 11, 5, 'exclude', 'count'),
+    (13, 17, 7, 'exclude', 'softmax'),     # several blocks, partial blocks at the border
+    (12, 10, 5, 'circular', 'count'),
+]
+
+
+@pytest.mark.parametrize('h,w,ws,border,norm', CASES)
+@pytest.mark.parametrize('block', [None, 3])
+def test_window_matches_dense_two_steps(h, w, ws, border, norm, block):
+    q, k, v = _qkv(2, h, w)
+    ref, dense_logits = dense_attention_reference(q, k, v, ws, border, norm)
+    q2, k2, _ = _qkv(2, h, w)
+    ref2, _ = dense_attention_reference(q2, k2, v, ws, border, norm, prev_logits=dense_logits)
+    for grad in (False, True):   # inference path and autograd path
+        qq = q.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out, logits = window_attention(qq, k, v, ws, border, norm, return_logits=True, block_size=block)
+            out2 = window_attention(q2, k2, v, ws, border, norm, prev_logits=logits.clone(), block_size=block)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out2, ref2, rtol=0, atol=1e-12)
+
+
+def test_window_border_excludes_outside_neighbours():
+    # A constant-logit query at the corner averages exactly the in-image part of its window.
+    q = torch.zeros(1, 6, 6, 2, dtype=torch.float64)
+    v = torch.arange(36, dtype=torch.float64).view(1, 6, 6, 1)
+    out = window_attention(q, q, v, 5)
+    assert out[0, 0, 0, 0].item() == pytest.approx(v[0, :3, :3].mean().item())
+    out_c = window_attention(q, q, v, 5, border='circular')
+    idx = torch.tensor([4, 5, 0, 1, 2])
+    assert out_c[0, 0, 0, 0].item() == pytest.approx(v[0][idx][:, idx].mean().item())
+
+
+def test_large_window_equals_global():
+    q, k, v = _qkv(2, 6, 5)
+    g = global_attention(q, k, v)
+    ref, _ = dense_attention_reference(q, k, v, None)
+    torch.testing.assert_close(g, ref)
+    for ws in (11, 13, 45):   # >= 2x the image: every pixel sees the whole image
+        torch.testing.assert_close(window_attention(q, k, v, ws), g)
+    gc = global_attention(q, k, v, 'count')
+    torch.testing.assert_close(gc, dense_attention_reference(q, k, v, None, normalization='count')[0])
+    torch.testing.assert_close(window_attention(q, k, v, 13, normalization='count'), gc)
+
+
+def test_global_attention_padding_paths():
+    for d, c in ((3, 4), (6, 4), (4, 4)):   # q/k narrower, wider, equal to v
+        q, k, v = _qkv(1, 4, 5, d, c)
+        torch.testing.assert_close(global_attention(q, k, v), dense_attention_reference(q, k, v)[0])
+
+
+@pytest.mark.parametrize('border,norm', [('exclude', 'softmax'), ('circular', 'softmax'), ('exclude', 'count')])
+def test_window_gradcheck_with_carried_logits(border, norm):
+    q, k, v = _qkv(1, 3, 4, 2, 2, grad=True)
+    prev = torch.randn(1, 3, 4, 9, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, prev):
+        out, logits = window_attention(q, k, v, 3, border, norm, prev_logits=prev, return_logits=True, block_size=2)
+        return out, logits.masked_fill(~torch.isfinite(logits), 0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, prev), fast_mode=True)
+
+
+def test_window_gradcheck_small_image_and_global():
+    q, k, v = _qkv(1, 3, 4, 2, 2, grad=True)
+    assert torch.autograd.gradcheck(lambda *a: window_attention(*a, 7), (q, k, v), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: global_attention(*a), (q, k, v))
+    assert torch.autograd.gradcheck(lambda *a: global_attention(*a, 'count'), (q, k, v))
+
+
+def test_window_gradients_match_dense():
+    q, k, v = _qkv(2, 9, 8, 3, 4, grad=True)
+    w = torch.randn(2, 9, 8, 4, dtype=torch.float64)
+    grads = []
+    for fn in (lambda: window_attention(q, k, v, 5, block_size=4),
+               lambda: dense_attention_reference(q, k, v, 5)[0]):
+        (fn() * w).sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('ws', [None, 5])
+@pytest.mark.parametrize('store', [True, False])
+def test_propagated_attention_three_steps(ws, store):
+    """Carried logits and concatenated embeddings both reproduce the running logit sum (eq. 6)."""
+    v = torch.randn(1, 7, 8, 4, dtype=torch.float64)
+    state, dense = None, None
+    for _ in range(3):
+        q, k, _ = _qkv(1, 7, 8)
+        out, state = propagated_attention(q, k, v, state, ws, store_logits=store)
+        ref, dense = dense_attention_reference(q, k, v, ws, prev_logits=dense)
+        torch.testing.assert_close(out, ref)
+    assert isinstance(state, CorrelationState)
+    assert (state.logits is not None) == (store and ws is not None)
+    out, none = propagated_attention(q, k, v, None, ws, propagate=False)
+    assert none is None
+
+
+def test_euclidean_embeddings_give_distance_softmax():
+    x = torch.randn(1, 4, 5, 3, dtype=torch.float64)
+    q, k = euclidean_embeddings(x)
+    v = torch.randn(1, 4, 5, 2, dtype=torch.float64)
+    xf = x.reshape(20, 3)
+    attn = torch.softmax(-torch.cdist(xf, xf) ** 2, -1)
+    torch.testing.assert_close(global_attention(q, k, v).reshape(20, 2), attn @ v.reshape(20, 2))
+
+
+def test_mask_and_errors():
+    m = window_mask(4, 4, 3)
+    assert m.sum().item() == 4 * 4 + 8 * 6 + 4 * 9   # corners 4, edges 6, interior 9
+    q, k, v = _qkv(1, 4, 4)
+    with pytest.raises(ValueError, match='odd'):
+        window_attention(q, k, v, 4)
+    with pytest.raises(ValueError, match='circular'):
+        window_attention(q, k, v, 5, border='circular')
+    with pytest.raises(ValueError, match='border'):
+        window_attention(q, k, v, 3, border='reflect')
+    with pytest.raises(ValueError, match='prev_logits'):
+        window_attention(q, k, v, 3, prev_logits=torch.zeros(1, 4, 4, 3))
+    with pytest.raises(ValueError, match='same shape'):
+        window_attention(q, k[..., :2], v, 3)
