@@ -1,0 +1,189 @@
+"""NLRN architecture: parameter count, scopes, ablation options, YAML build, a few training steps."""
+import pytest
+import torch
+from torch import nn
+
+from basicsr.utils.registry import ARCH_REGISTRY
+from nl_plugin.archs.nlrn_arch import NLRN
+from nl_plugin.archs.windowed_nonlocal_arch import CORRELATIONS, WindowedNonLocalBlock
+
+try:
+    from nl_plugin.ops.tiling import tiled_forward
+except ImportError:  # pragma: no cover
+    tiled_forward = None
+
+
+def _counts(net):
+    bn = sum(p.numel() for m in net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    total = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return total - bn, total
+
+
+def _tiny(**kw):
+    args = dict(num_feat=8, num_embed=4, num_steps=3)
+    args.update(kw)
+    net = NLRN(**args).double()
+    for blk in net.nonlocal_blocks:   # non-zero g so the non-local path matters
+        nn.init.normal_(blk.g.weight, std=0.3)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def test_default_parameter_count_and_init():
+    net = NLRN()
+    assert _counts(net) == (330625, 340099)
+    blk = net.nonlocal_blocks[0]
+    assert blk.g.weight.abs().sum() == 0 and blk.g.bias.abs().sum() == 0
+    assert net.conv_first.bias.abs().sum() == 0 and net.convs_a[0].weight.abs().sum() > 0
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 38 and all(m.eps == 1e-3 and m.momentum == 0.01 for m in bns)
+    # With g == 0 the non-local module is the identity.
+    x = torch.rand(1, 128, 5, 6)
+    assert torch.equal(blk(x), x)
+
+
+def test_built_from_yaml_kwargs():
+    net = ARCH_REGISTRY.get('NLRN')(**{'num_in_ch': 1, 'num_out_ch': 1, 'num_feat': 16, 'num_embed': 8,
+                                       'num_steps': 2, 'nl_scope': 'window', 'window_size': 7})
+    assert net(torch.rand(1, 1, 9, 10)).shape == (1, 1, 9, 10)
+    blk = ARCH_REGISTRY.get('WindowedNonLocalBlock')(num_feat=8, num_embed=4, nl_scope='window', window_size=3)
+    assert blk(torch.rand(2, 8, 5, 5)).shape == (2, 8, 5, 5)
+
+
+def _official_step_reference(net, x):
+    """Direct transcription of the reference pseudo-code with dense global attention."""
+    blk = net.nonlocal_blocks[0]
+    s0 = net.conv_first(net.bn_first(x))
+    s, logits = s0, None
+    for t in range(net.num_steps):
+        bn1, bn2, bn3 = net.bns[t]
+        z = torch.relu(bn1(s))
+        b, c, h, w = z.shape
+        zf = z.flatten(2).transpose(1, 2)
+        th = zf @ blk.theta.weight.flatten(1).T + blk.theta.bias
+        ph = zf @ blk.phi.weight.flatten(1).T + blk.phi.bias
+        g = zf @ blk.g.weight.flatten(1).T + blk.g.bias
+        lt = th @ ph.transpose(1, 2)
+        logits = lt if logits is None else logits + lt
+        z = z + (torch.softmax(logits, -1) @ g).transpose(1, 2).reshape(b, c, h, w)
+        hh = net.convs_b[0](torch.relu(bn3(net.convs_a[0](bn2(z)))))
+        s = hh + s0
+    return x + net.conv_last(torch.relu(net.bn_last(s)))
+
+
+def test_patch_scope_matches_pseudocode():
+    net = _tiny()
+    x = torch.rand(2, 1, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(net(x), _official_step_reference(net, x))
+
+
+def test_patch_weights_run_in_window_scope():
+    net = _tiny()
+    x = torch.rand(1, 1, 9, 8, dtype=torch.float64)
+    ref = net(x)
+    win = _tiny(nl_scope='window', window_size=17)   # >= 2x image: equals the patch scope
+    win.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(win(x), ref)
+    torch.testing.assert_close(win(x), ref)          # autograd path too
+    small = _tiny(nl_scope='window', window_size=3)
+    small.load_state_dict(net.state_dict())
+    assert not torch.allclose(small(x), ref)          # a real window differs
+    circ = _tiny(nl_scope='window', window_size=3, border='circular')
+    circ.load_state_dict(net.state_dict())
+    assert circ(x).shape == x.shape
+
+
+def test_window_scope_single_pass_matches_dense_window_reference():
+    """Window scope == the pseudo-code with an explicit window mask on dense logits (eq. 5-6)."""
+    from nl_plugin.ops.windowed_attention import window_mask
+    net = _tiny(nl_scope='window', window_size=5)
+    x = torch.rand(1, 1, 8, 9, dtype=torch.float64)
+    mask = window_mask(8, 9, 5)
+    blk = net.nonlocal_blocks[0]
+    s0 = net.conv_first(net.bn_first(x))
+    s, logits = s0, None
+    for t in range(net.num_steps):
+        bn1, bn2, bn3 = net.bns[t]
+        z = torch.relu(bn1(s))
+        zf = z.flatten(2).transpose(1, 2)
+        th, ph, g = (zf @ m.weight.flatten(1).T + m.bias for m in (blk.theta, blk.phi, blk.g))
+        lt = th @ ph.transpose(1, 2)
+        logits = lt if logits is None else logits + lt
+        z = z + (torch.softmax(logits.masked_fill(~mask, float('-inf')), -1) @ g).transpose(1, 2).reshape(z.shape)
+        s = net.convs_b[0](torch.relu(bn3(net.convs_a[0](bn2(z))))) + s0
+    ref = x + net.conv_last(torch.relu(net.bn_last(s)))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref)
+
+
+@pytest.mark.parametrize('correlation', sorted(CORRELATIONS))
+@pytest.mark.parametrize('scope', ['patch', 'window'])
+def test_correlations_build_and_run(correlation, scope):
+    net = _tiny(correlation=correlation, nl_scope=scope, window_size=5)
+    x = torch.rand(1, 1, 6, 7, dtype=torch.float64)
+    y = net(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    global_net = _tiny(correlation=correlation, nl_scope='window', window_size=None)
+    global_net.load_state_dict(net.state_dict())
+    patch = _tiny(correlation=correlation)
+    patch.load_state_dict(net.state_dict())
+    torch.testing.assert_close(global_net(x), patch(x))   # window_size None = whole image
+
+
+def test_ablation_options():
+    unshared = NLRN(num_feat=8, num_embed=4, num_steps=4, share_weights=False)
+    assert len(unshared.convs_a) == 4 and len(unshared.nonlocal_blocks) == 4
+    every2 = NLRN(num_feat=8, num_embed=4, num_steps=5, share_weights=False, nonlocal_every=2)
+    assert every2.nl_steps == [0, 2, 4] and len(every2.nonlocal_blocks) == 3
+    x = torch.rand(1, 1, 6, 6)
+    for net in (unshared, every2, NLRN(num_feat=8, num_embed=4, num_steps=3, propagate_correlation=False)):
+        assert net(x).shape == x.shape
+    # No propagation == independent softmax per step.
+    a = _tiny(propagate_correlation=False)
+    b = _tiny()
+    b.load_state_dict(a.state_dict())
+    xd = x.double()
+    assert not torch.allclose(a(xd), b(xd))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='num_out_ch'):
+        NLRN(num_in_ch=1, num_out_ch=3)
+    with pytest.raises(ValueError, match='nl_scope'):
+        NLRN(nl_scope='tile')
+    with pytest.raises(ValueError, match='correlation'):
+        NLRN(correlation='cosine')
+    with pytest.raises(ValueError, match='odd'):
+        NLRN(nl_scope='window', window_size=44)
+    with pytest.raises(ValueError, match='shape'):
+        NLRN(num_feat=8, num_embed=4, num_steps=1)(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match='WindowedNonLocalBlock'):
+        WindowedNonLocalBlock(num_feat=8, num_embed=4)(torch.rand(1, 4, 3, 3))
+
+
+@pytest.mark.skipif(tiled_forward is None, reason='tiling helper not available')
+def test_official_tiled_protocol_runs():
+    net = NLRN(num_feat=8, num_embed=4, num_steps=2).eval()
+    x = torch.rand(1, 1, 20, 23)
+    y = tiled_forward(net, x, 9, stride=7, tile_batch=100)
+    assert y.shape == x.shape
+
+
+def test_few_adam_steps_lower_denoising_loss():
+    torch.manual_seed(0)
+    net = NLRN(num_feat=16, num_embed=8, num_steps=2)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    clean = torch.rand(2, 1, 10, 10) * 0.2 + 0.4
+    noisy = clean + 0.1 * torch.randn_like(clean)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = torch.mean((net(noisy) - clean) ** 2)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
