@@ -278,6 +278,7 @@ def continuous_knn(logits, k, noise=None, temperature=None):
     if k < 1:
         raise ValueError(f'k must be >= 1, got {k}')
     cap = math.log1p(-torch.finfo(logits.dtype).eps)
+    inplace = not (torch.is_grad_enabled() and (logits.requires_grad or getattr(temperature, 'requires_grad', False)))
     weights = []
     for j in range(k):
         cur = logits if noise is None else logits + noise[..., j, :]
@@ -289,11 +290,15 @@ def continuous_knn(logits, k, noise=None, temperature=None):
         if j + 1 < k:
             # log1mexp(logw): its first branch log1p(-w) is exact wherever w < 1/2, i.e. everywhere
             # except possibly at the row maximum, which gets the full log1mexp (saves ~half the work).
-            upd = torch.log1p(-w.clamp(max=0.5))
             top = logw.argmax(-1, keepdim=True)
             a = logw.gather(-1, top)
-            soft = log1mexp(a.clamp(max=cap))  # gradient: zero once saturated (official clamp)
             exact = log1mexp(a.detach())  # value: exact, -inf when w == 1 (hard limit as t -> 0)
+            if inplace:  # inference: same arithmetic without autograd bookkeeping or extra buffers
+                upd = logw.copy_(w).clamp_(max=0.5).neg_().log1p_().scatter_(-1, top, exact)
+                logits = logits + upd if j == 0 else logits.add_(upd)
+                continue
+            upd = torch.log1p(-w.clamp(max=0.5))
+            soft = log1mexp(a.clamp(max=cap))  # gradient: zero once saturated (official clamp)
             upd = upd.scatter(-1, top, soft + (exact - soft.detach()))
             logits = logits + upd
     return torch.stack(weights, dim=-2)
@@ -477,7 +482,7 @@ def _make_tile_plan(nh, nw, window_size, th, tw):
                     local=local, owner=owner.view(ntr * ntc, th * tw), slot=slot, origin=origin)
 
 
-def _tile_chunks(plan, per_tile_elems, budget=1 << 24):
+def _tile_chunks(plan, per_tile_elems, budget=1 << 25):
     """Ranges of tiles processed together so that one chunk holds ~``budget`` elements."""
     n = plan.query.shape[0]
     step = max(1, min(n, budget // max(per_tile_elems, 1)))
