@@ -194,9 +194,17 @@ class N3Block(nn.Module):
                              for j in range(self.k)], 1)
         else:
             z = n3ops.tiled_aggregate_fold(inputs, values, plan, wfn, p, s, c)  # (B, k, C, H', W')
-        z = z / count
         left, _, top, _ = pad
         z = z[..., top:top + h, left:left + w]
+        count = count[..., top:top + h, left:left + w]
+        if not torch.is_grad_enabled():  # inference: write straight into the output, no temporaries
+            out = x.new_empty(b, self.k + 1, c, h, w)
+            out[:, 0] = x
+            torch.div(z, count, out=out[:, 1:])
+            if self.diff:
+                out[:, 1:] -= x.unsqueeze(1)
+            return out.view(b, c * (self.k + 1), h, w)
+        z = z / count
         if self.diff:
             z = z - x.unsqueeze(1)
         return torch.cat([x.unsqueeze(1), z], 1).reshape(b, c * (self.k + 1), h, w)

@@ -294,7 +294,8 @@ def continuous_knn(logits, k, noise=None, temperature=None):
             a = logw.gather(-1, top)
             exact = log1mexp(a.detach())  # value: exact, -inf when w == 1 (hard limit as t -> 0)
             if inplace:  # inference: same arithmetic without autograd bookkeeping or extra buffers
-                upd = logw.copy_(w).clamp_(max=0.5).neg_().log1p_().scatter_(-1, top, exact)
+                # no clamp needed: only the row maximum can exceed 1/2 and it is overwritten
+                upd = torch.neg(w, out=logw).log1p_().scatter_(-1, top, exact)
                 logits = logits + upd if j == 0 else logits.add_(upd)
                 continue
             upd = torch.log1p(-w.clamp(max=0.5))
