@@ -45,8 +45,8 @@ class CorrelationState(NamedTuple):
     Exactly one representation is set:
 
     * ``q``, ``k``: concatenated embeddings of all steps so far, (B, H, W, D*t) each.
-    * ``logits``: accumulated window logits in the compact layout of ``window_attention``,
-      (B, H, W, P).
+    * ``logits``: accumulated window logits in a layout of ``window_attention``: (B, H, W, P)
+      when autograd records, the block layout (B, nby, nbx, b*b, P) in inference.
     """
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
@@ -218,7 +218,7 @@ def _default_block(h, w):
 
 
 def window_attention(q, k, v, window_size, border='exclude', normalization='softmax', prev_logits=None,
-                     return_logits=False, block_size=None):
+                     return_logits=False, block_size=None, logits_layout='image'):
     """Every pixel attends to the ``window_size`` x ``window_size`` window centred on it.
 
     Blocked "halo" algorithm: a block of b x b queries attends to its (b+2r) x (b+2r) key region
@@ -240,6 +240,9 @@ def window_attention(q, k, v, window_size, border='exclude', normalization='soft
             not recording for it, it is updated IN PLACE to the new logits to save memory.
         return_logits (bool): Also return the accumulated logits (B, H, W, P).
         block_size (int, optional): Query block side b (default: chosen from the size).
+        logits_layout (str): 'image' for the (B, H, W, P) layout above, or 'blocks' for the
+            inference-only layout (B, nby, nbx, b*b, P) of query blocks (faster: updated in place,
+            no permutes; only valid with autograd off and the same block size).
 
     Returns:
         Tensor | tuple[Tensor, Tensor]: out (B, H, W, C) [, logits (B, H, W, P)].
@@ -253,13 +256,17 @@ def window_attention(q, k, v, window_size, border='exclude', normalization='soft
     r, py, px = _window_geometry(h, w, window_size, border)
     kh, kw = 2 * py + 1, 2 * px + 1
     p = kh * kw
-    if prev_logits is not None and tuple(prev_logits.shape) != (bsz, h, w, p):
+    if prev_logits is not None and logits_layout == 'image' and tuple(prev_logits.shape) != (bsz, h, w, p):
         raise ValueError(f'prev_logits must have shape {(bsz, h, w, p)} (compact window layout), '
                          f'got {tuple(prev_logits.shape)}')
     tensors = (q, k, v) if prev_logits is None else (q, k, v, prev_logits)
+    if logits_layout not in ('image', 'blocks'):
+        raise ValueError(f"logits_layout must be 'image' or 'blocks', got {logits_layout!r}")
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_logits,
-                                        return_logits, block_size or _FAST_BLOCK)
+                                        return_logits, block_size or _FAST_BLOCK, logits_layout == 'blocks')
+    if logits_layout == 'blocks':
+        raise ValueError("logits_layout='blocks' is inference-only (autograd is recording)")
     b = block_size or _default_block(h, w)
     nby, nbx = -(-h // b), -(-w // b)
     hq, wq = nby * b, nbx * b
@@ -347,7 +354,7 @@ _CHUNK_BYTES = 3 * 2**20     # logits of one chunk of query blocks stay cache-re
 
 
 @torch.no_grad()
-def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_logits, return_logits, b):
+def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_logits, return_logits, b, blocks):
     """Inference path of ``window_attention``: same result, cache-sized chunks, no index tensors.
 
     The in-window logits of query (i, j) are the (kh, kw) sub-block of its halo logits starting at
@@ -370,8 +377,12 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
     nb = max(1, min(nbx, _CHUNK_BYTES // (b * b * rr * q.element_size())))
     out = q.new_empty(bsz, h, w, c)
     logits = None
+    if blocks and prev_logits is not None and tuple(prev_logits.shape) != (bsz, nby, nbx, b * b, p):
+        raise ValueError(f'prev_logits in block layout must have shape {(bsz, nby, nbx, b * b, p)}, '
+                         f'got {tuple(prev_logits.shape)}')
     if return_logits:
-        logits = prev_logits if prev_logits is not None else q.new_empty(bsz, h, w, p)
+        shape = (bsz, nby, nbx, b * b, p) if blocks else (bsz, h, w, p)
+        logits = prev_logits if prev_logits is not None else q.new_empty(shape)
     ar_b = torch.arange(b, device=dev)
     offy = torch.arange(kh, device=dev) - py
     offx = torch.arange(kw, device=dev) - px
@@ -396,14 +407,17 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
                 vr = vr.permute(1, 0, 3, 2).reshape(m, rr, c)
                 s = torch.bmm(qb, kr.transpose(1, 2))                                  # (m, b*b, rr)
                 cview = _compact_view(s, b, rh, rw, kh, kw)                           # (m, b, b, kh, kw)
-                if prev_logits is not None:
+                if blocks and (prev_logits is not None or return_logits):
+                    lg = logits[bi, by, bx0:bx0 + m].view(m, b, b, kh, kw)         # L_t = L_{t-1} + q.k
+                    lg.add_(cview) if prev_logits is not None else lg.copy_(cview)
+                elif prev_logits is not None:
                     prev = prev_logits[bi, y0:y0 + yn, x0:x0 + xn]
                     if yn < b or xn < m * b:
                         prev = F.pad(prev, (0, 0, 0, m * b - xn, 0, b - yn))
                     lg = cview + prev.reshape(b, m, b, kh, kw).transpose(0, 1)
                 else:
                     lg = cview.contiguous()
-                if return_logits:
+                if return_logits and not blocks:
                     logits[bi, y0:y0 + yn, x0:x0 + xn] = \
                         lg.transpose(0, 1).reshape(b, m * b, p)[:yn, :xn]
                 interior = circ or (y0 - py >= 0 and y0 + b + py <= h and x0 - px >= 0 and x0 + m * b + px <= w)
@@ -493,15 +507,18 @@ def propagated_attention(q, k, v, state=None, window_size=None, border='exclude'
             raise ValueError('global attention carries embeddings, not logits')
         out = global_attention(q, k, v, normalization)
         return out, (CorrelationState(q=q, k=k) if propagate else None)
+    layout = 'image' if torch.is_grad_enabled() and (q.requires_grad or v.requires_grad) else 'blocks'
     if state is not None and state.logits is not None:
+        layout = 'blocks' if state.logits.dim() == 5 else 'image'
         out, logits = window_attention(q, k, v, window_size, border, normalization,
-                                       prev_logits=state.logits, return_logits=propagate)
+                                       prev_logits=state.logits, return_logits=propagate, logits_layout=layout)
         return out, (CorrelationState(logits=logits) if propagate else None)
     if propagate and state is None:
         if store_logits is None:
             store_logits = _store_logits_auto(q, compact_window_size(q.shape[1], q.shape[2], window_size, border))
         if store_logits:
-            out, logits = window_attention(q, k, v, window_size, border, normalization, return_logits=True)
+            out, logits = window_attention(q, k, v, window_size, border, normalization, return_logits=True,
+                                           logits_layout=layout)
             return out, CorrelationState(logits=logits)
     out = window_attention(q, k, v, window_size, border, normalization)
     return out, (CorrelationState(q=q, k=k) if propagate else None)
