@@ -6,7 +6,7 @@
 Every case runs in a fresh process (so peak RSS is that case's own), warms up once, then repeats
 until ``--repeats`` runs or ``--budget`` seconds are used (at least one run); the table shows the
 median and the number of runs. CPU memory is the process's peak RSS (``ru_maxrss``, which includes
-about 0.4 GB of Python/torch); GPU memory is ``torch.cuda.max_memory_allocated``. The fp32 matmul
+about 0.4 GB of Python/torch; '+GB' is the peak above the interpreter's own); GPU memory is ``torch.cuda.max_memory_allocated``. The fp32 matmul
 rate of the machine is measured in the same run, so GFLOP/s figures can be read against it.
 """
 import argparse
@@ -152,6 +152,7 @@ def register_op_cases():
 def worker(name, device, quick, repeats, budget):
     import torch
     torch.manual_seed(0)
+    base_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # interpreter + torch
     build = CASES[name][1]
     spec = build(device, quick)
     if device == 'cuda':
@@ -175,6 +176,7 @@ def worker(name, device, quick, repeats, budget):
         out['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
     else:
         out['peak_mem_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+        out['extra_mem_gb'] = out['peak_mem_gb'] - base_gb
     for k, v in spec.get('extra', {}).items():
         out[k] = v
     return out
@@ -202,6 +204,13 @@ def ratios(results):
     add('NLRN window 1024x768 / 481x321, time (pixels x5.07)', 'nlrn_window_1024x768', 'nlrn_window_481x321')
     add('N3Net 1024x768 / 481x321, time (pixels x5.07)', 'n3net_1024x768', 'n3net_481x321')
     add('N3Net 1024x768 / 481x321, peak memory', 'n3net_1024x768', 'n3net_481x321', 'peak_mem_gb')
+    add('N3Net 1024x768 / 481x321, memory above the interpreter', 'n3net_1024x768', 'n3net_481x321', 'extra_mem_gb')
+    add('training-size attention: dense reference / fast, time', 'op_train_dense_fwdbwd', 'op_train_fast_fwdbwd')
+    add('training-size attention: dense reference / fast, memory above the interpreter',
+        'op_train_dense_fwdbwd', 'op_train_fast_fwdbwd', 'extra_mem_gb')
+    add('N3 block: reference / fast, time (481x321)', 'op_n3block_ref_481x321', 'op_n3block_fast_481x321')
+    add('N3 block: reference / fast, memory above the interpreter', 'op_n3block_ref_481x321',
+        'op_n3block_fast_481x321', 'extra_mem_gb')
     for r in results:
         for k, v in r.items():
             if k.startswith('ratio_'):
@@ -226,15 +235,16 @@ def _cpu_name():
 def print_table(results, meta):
     print(f"\nnl_plugin benchmark — {meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads"
           f"{', quick' if meta['quick'] else ''}")
-    head = f"{'case':<24}{'median s':>10}{'runs':>6}{'peak GB':>9}{'GFLOP/s':>9}  note"
+    head = f"{'case':<26}{'median s':>10}{'runs':>6}{'peak GB':>9}{'+GB':>7}{'GFLOP/s':>9}  note"
     print(head)
     print('-' * len(head))
     for r in results:
         if 'error' in r:
-            print(f"{r['case']:<24}{'error':>10}  {r['error'][:100]}")
+            print(f"{r['case']:<26}{'error':>10}  {r['error'][:100]}")
             continue
         gf = f"{r['gflops']:.1f}" if r.get('gflops') else ''
-        print(f"{r['case']:<24}{r['median_s']:>10.3f}{r['runs']:>6}{r['peak_mem_gb']:>9.2f}{gf:>9}  {r['note']}")
+        extra = f"{r['extra_mem_gb']:.2f}" if 'extra_mem_gb' in r else ''
+        print(f"{r['case']:<26}{r['median_s']:>10.3f}{r['runs']:>6}{r['peak_mem_gb']:>9.2f}{extra:>7}{gf:>9}  {r['note']}")
     rs = ratios(results)
     if rs:
         print('\nratios (same run)')

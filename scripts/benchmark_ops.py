@@ -1,0 +1,70 @@
+"""Per-op benchmark cases for scripts/benchmark.py: the fast ops against their readable references."""
+import torch
+
+
+def _sync(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _qkv(b, h, w, d, c, device, grad=False):
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(b, h, w, d, generator=g).mul_(0.1).to(device) for _ in range(2))
+    v = torch.randn(b, h, w, c, generator=g).to(device)
+    for t in (q, k, v):
+        t.requires_grad_(grad)
+    return q, k, v
+
+
+def window_fwd(impl):
+    """Windowed attention (q = 45, 64-d embeddings, 128-d values), one step, no grad, 481x321."""
+    def build(device, quick):
+        from nl_plugin.ops import windowed_attention as wa
+        h, w = (321, 481) if not quick else (80, 120)
+        q, k, v = _qkv(1, h, w, 64, 128, device)
+        torch.set_grad_enabled(False)
+        fn = (lambda: wa.window_attention(q, k, v, 45)) if impl == 'fast' else \
+            (lambda: wa.dense_attention_reference(q, k, v, 45)[0])
+        p = 45 * 45
+        return {'fn': lambda: (fn(), _sync(device)), 'flops': 2 * h * w * p * (64 + 128),
+                'note': 'flops counted for q x q keys per pixel'}
+    return build
+
+
+def train_size(impl):
+    """Patch-scope attention at NLRN's training size (batch 16, 43x43, 64/128 ch): forward + backward."""
+    def build(device, quick):
+        from nl_plugin.ops import windowed_attention as wa
+        b = 16 if not quick else 4
+        q, k, v = _qkv(b, 43, 43, 64, 128, device, grad=True)
+        op = wa.global_attention if impl == 'fast' else (lambda q, k, v: wa.dense_attention_reference(q, k, v, None)[0])
+
+        def step():
+            out = op(q, k, v)
+            out.sum().backward()
+            _sync(device)
+        n = 43 * 43
+        return {'fn': step, 'flops': 3 * 2 * b * n * n * (64 + 128), 'note': f'batch {b}, fwd+bwd'}
+    return build
+
+
+def n3block(impl):
+    """One N3 block (8 ch, k = 7, 10x10 patches, stride 5, 80x80 search) on 481x321, no grad."""
+    def build(device, quick):
+        from nl_plugin.archs.n3block_arch import N3Block
+        h, w = (321, 481) if not quick else (100, 140)
+        block = N3Block(num_in_ch=8, impl='auto' if impl == 'fast' else 'reference').to(device).eval()
+        x = torch.randn(1, 8, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+        torch.set_grad_enabled(False)
+        return {'fn': lambda: (block(x), _sync(device))}
+    return build
+
+
+OP_CASES = {
+    'op_window_fwd_481x321': ('windowed attention op (fast), one step, 481x321', window_fwd('fast')),
+    'op_train_fast_fwdbwd': ('patch-scope attention (fast: SDPA), batch 16 of 43x43, fwd+bwd', train_size('fast')),
+    'op_train_dense_fwdbwd': ('patch-scope attention, dense reference, batch 16 of 43x43, fwd+bwd',
+                              train_size('dense')),
+    'op_n3block_fast_481x321': ('N3 block (tiled, linear in area), 481x321', n3block('fast')),
+    'op_n3block_ref_481x321': ('N3 block, gather-all-candidates reference, 481x321', n3block('reference')),
+}
