@@ -38,7 +38,8 @@ class N3Net(nn.Module):
       ``'concrete'`` (stochastic Concrete sampling).
 
     In eval mode on CPU the forward flushes denormal floats (the released weights make the convs hit
-    them, 2.5-3x slower) and restores the previous setting afterwards.
+    them, 2.5-3x slower) and restores the previous setting afterwards, and runs the convolutions on
+    channels-last activations (faster with oneDNN); the output is a normal contiguous tensor.
 
     Args:
         num_in_ch (int): Image channels. Default: 1.
@@ -118,15 +119,17 @@ class N3Net(nn.Module):
         if flush:
             torch.set_flush_denormal(True)
         try:
-            return self._forward(x)
+            return self._forward(x, channels_last=flush)
         finally:
             if flush:
                 torch.set_flush_denormal(False)
 
-    def _forward(self, x):
+    def _forward(self, x, channels_last=False):
+        # CPU inference: channels-last activations make oneDNN's 3x3 convolutions ~1.5x faster
+        fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if channels_last else (lambda t: t)
         x = bicubic_upsample(x, self.upscale)
         match = x[:, :self.num_in_ch] if self.block_type == 'knn' and self.knn_feature == 'input' else None
-        out = self.stages[0](x)
+        out = self.stages[0](fmt(x))
         for block, stage in zip(self.n3_blocks, self.stages[1:]):
-            out = stage(block(out, match=match))
-        return out
+            out = stage(fmt(block(out, match=match)))
+        return out.contiguous()
