@@ -39,6 +39,20 @@ def test_dncnn_layout_and_residual_rule():
     assert DnCNN(2, 2, 4, 3, residual=False)(x[:, :2]).shape == (2, 2, 9, 7)
 
 
+def test_dncnn_inference_folds_bn_exactly():
+    net = DnCNN(2, 2, num_feat=6, depth=4)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.normal_(0, 0.3)
+    net.eval()
+    x = torch.randn(1, 2, 11, 9)
+    ref = net(x)  # autograd on: plain conv -> BN
+    with torch.no_grad():
+        assert torch.allclose(net(x), ref, atol=1e-5)  # BN folded into the conv
+
+
 def test_dncnn_official_init_and_options():
     net = DnCNN(depth=5, bn_momentum=0.001)
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -2,6 +2,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn as nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -33,6 +34,29 @@ def dncnn_init_(module, bn_weight_min=0.025):
             with torch.no_grad():
                 m.weight.normal_(0.0, std).abs_().clamp_(min=bn_weight_min)
             nn.init.zeros_(m.bias)
+
+
+def run_sequential(seq, x):
+    """Run ``seq``; at inference (eval mode, no autograd) fold every conv -> BatchNorm pair into one
+    conv (saves one full pass over the feature map per BN, same result up to rounding)."""
+    if seq.training or torch.is_grad_enabled():
+        return seq(x)
+    mods = list(seq)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d) and nxt.track_running_stats:
+            scale = nxt.weight * torch.rsqrt(nxt.running_var + nxt.eps)
+            bias = nxt.bias - nxt.running_mean * scale
+            if m.bias is not None:
+                bias = bias + m.bias * scale
+            x = F.conv2d(x, m.weight * scale.view(-1, 1, 1, 1), bias, m.stride, m.padding, m.dilation, m.groups)
+            i += 2
+        else:
+            x = m(x)
+            i += 1
+    return x
 
 
 @ARCH_REGISTRY.register()
@@ -94,5 +118,5 @@ class DnCNN(nn.Module):
         """(N, num_in_ch, H, W) -> (N, num_out_ch, H, W)."""
         if x.dim() != 4 or x.shape[1] != self.num_in_ch:
             raise ValueError(f'DnCNN expects (N, {self.num_in_ch}, H, W) input, got shape {tuple(x.shape)}')
-        out = self.conv_last(self.body(self.relu(self.conv_first(x))))
+        out = self.conv_last(run_sequential(self.body, self.relu(self.conv_first(x))))
         return add_first_channels(out, x) if self.residual else out

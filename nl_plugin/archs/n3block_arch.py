@@ -18,6 +18,8 @@ from basicsr.utils.registry import ARCH_REGISTRY
 
 from nl_plugin.ops import n3 as n3ops
 
+from .dncnn_arch import run_sequential
+
 _SELECTIONS = ('continuous', 'hard', 'concrete')
 
 
@@ -176,8 +178,9 @@ class N3Block(nn.Module):
             emb = values if match is None else n3ops.extract_patches(F.pad(feat, pad), p, s)
             temp = None
         else:
-            emb = n3ops.extract_patches(F.pad(self.embed(x), pad), p, s)
-            temp = n3ops.patch_temperature(F.pad(self.temp(x), pad), p, s, self.temp_mode, self.temp_offset)
+            emb = n3ops.extract_patches(F.pad(run_sequential(self.embed, x), pad), p, s)
+            log_temp = F.pad(run_sequential(self.temp, x), pad)
+            temp = n3ops.patch_temperature(log_temp, p, s, self.temp_mode, self.temp_offset)
 
         if self.impl == 'reference':
             index = n3ops.candidate_index(nh, nw, self.window_size, device=x.device)
