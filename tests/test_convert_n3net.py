@@ -16,6 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'convert_n3net_official.py')
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread avoids thread hand-off costs (large when the machine is busy)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def _script():
     spec = importlib.util.spec_from_file_location('convert_n3net_official', SCRIPT)
     mod = importlib.util.module_from_spec(spec)
@@ -137,7 +146,7 @@ def test_convert_cli(official_file, tmp_path):
     path, sd = official_file
     out = tmp_path / 'cli_net_g.pth'
     proc = subprocess.run([sys.executable, SCRIPT, '--checkpoint', str(path), '--output', str(out)],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stderr
     params = torch.load(str(out), map_location='cpu', weights_only=True)['params']
     net = N3Net()
