@@ -98,8 +98,8 @@ def case_n3net(size):
 def case_train_iter(kind):
     def build(device, quick):
         import torch
+        import nl_plugin  # noqa: F401  (compat fixes before BasicSR's subpackages load)
         from basicsr.losses import build_loss
-        import nl_plugin  # noqa: F401
         if kind == 'nlrn':
             from nl_plugin.archs.nlrn_arch import NLRN
             net, shape = NLRN(nl_scope='patch'), (16, 1, 43, 43)
