@@ -20,3 +20,12 @@ def _seed():
 def basicsr_cmd():
     """The installed ``basicsr`` console script of the running interpreter's environment."""
     return os.path.join(BIN, 'basicsr')
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: one thread avoids thread hand-off costs (large when the machine is busy)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -9,13 +9,7 @@ from nl_plugin.ops import n3
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids thread hand-off costs (large when the machine is busy)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def count(m):
