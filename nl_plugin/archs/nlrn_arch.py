@@ -5,6 +5,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from nl_plugin.archs.windowed_nonlocal_arch import WindowedNonLocalBlock
+from nl_plugin.ops.windowed_attention import window_attention_rows
+
+# Window-scope inference streams the image in bands of this many rows (one query-block row of the
+# attention op; smaller bands keep fewer carried logits alive, see ``_forward_window_stream``).
+_BAND = 8
 
 
 @ARCH_REGISTRY.register()
@@ -87,6 +92,8 @@ class NLRN(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.num_in_ch:
             raise ValueError(f'NLRN expects input of shape (B, {self.num_in_ch}, H, W), got {tuple(x.shape)}')
         lean = not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+        if lean and self._can_stream(x):
+            return self._forward_window_stream(x)
         s0 = self.conv_first(self.bn_first(x))
         s, state = s0, None
         for t in range(self.num_steps):
@@ -106,3 +113,165 @@ class NLRN(nn.Module):
             s = h.add_(s0) if lean else h + s0             # identity path from s0
         res = self.conv_last(F.relu(self.bn_last(s)))
         return x + res
+
+    def _can_stream(self, x):
+        """Window-scope inference on an image whose long side spans several windows."""
+        blk = self.nonlocal_blocks[0]
+        return (not self.training and blk.nl_scope == 'window' and blk.window_size > 0 and blk.border == 'exclude'
+                and max(x.shape[2:]) >= 4 * blk.window_size)
+
+    @torch.no_grad()
+    def _forward_window_stream(self, x):
+        """Window-scope inference as a wavefront down the image; same result as ``forward``.
+
+        Step t+1 of the rows [a, a+8) needs step t only down to row a+8+r+2 (window radius r, then
+        two 3x3 convs), so all steps run as a pipeline in bands of 8 rows, each band computed at
+        the latest moment a later step asks for it. The carried logits (P = q^2 floats a pixel, the
+        bulk of the memory) then exist for about (T-1)(r+10) rows between the first and the last
+        step's front instead of the whole image, and the other features for a few bands each. The
+        image is transposed (with the 3x3 kernels) so that the bands run along its longer side.
+
+        Args:
+            x (Tensor): (B, num_in_ch, H, W) in [0, 1], eval mode.
+
+        Returns:
+            Tensor: (B, num_in_ch, H, W).
+        """
+        transpose = x.shape[3] > x.shape[2]
+        if transpose:
+            x = x.transpose(2, 3)
+        h = x.shape[2]
+        ws = self.nonlocal_blocks[0].window_size
+        py = min(ws // 2, h - 1)
+        out = torch.empty_like(x)
+
+        def conv_rows(conv, inp, lo, a, e):
+            """Rows [a, e) of a 3x3 conv (zero padding) of ``inp``, which holds rows lo.. of its input."""
+            t = F.pad(inp[:, :, max(a - 1, 0) - lo:min(e + 1, h) - lo], (0, 0, int(a == 0), int(e == h)))
+            weight = conv.weight.transpose(2, 3) if transpose else conv.weight
+            return F.conv2d(t, weight, conv.bias, padding=(0, 1))
+
+        def s0_rows(a, e):
+            lo = max(a - 1, 0)
+            return conv_rows(self.conv_first, self.bn_first(x[:, :, lo:min(e + 1, h)]), lo, a, e)
+
+        stages = []
+
+        def add(compute, inputs, dims=(2, ), band=None):
+            """A stage computing rows [a, e) from ``inputs``: (stage index, rows needed beyond e)."""
+            stages.append(_Stage(compute, inputs, dims, band))
+            return len(stages) - 1
+
+        def rows_of(src, a, e):
+            return s0_rows(a, e) if src < 0 else stages[src].rows(a, e)[0]
+
+        logits = {}     # (step, first row of the band) -> carried logits of that band
+        nl_last = self.nl_steps[-1]
+        src = -1        # stage holding s_{t-1}; -1: s0, recomputed from x when needed
+        for t in range(self.num_steps):
+            bn1, bn2, bn3 = self.bns[t]
+            i = 0 if len(self.convs_a) == 1 else t
+            s_in = [] if src < 0 else [(src, 0)]
+            if t in self.nl_steps:
+                k_nl = self.nl_steps.index(t)
+                blk = self.nonlocal_blocks[0 if len(self.nonlocal_blocks) == 1 else k_nl]
+                # Keys and values over the window's reach; queries only for the band, in ``attend``.
+                kv = add(lambda a, e, src=src, bn1=bn1, blk=blk: blk.embed(F.relu_(bn1(rows_of(src, a, e))).permute(0, 2, 3, 1))[1:],
+                         s_in, dims=(1, 1))
+
+                def attend(a, e, t=t, k_nl=k_nl, blk=blk, bn1=bn1, src=src, kv=kv):
+                    lo, hi = max(a - py, 0), min(e + py, h)
+                    k, v = stages[kv].rows(lo, hi)
+                    u = F.relu_(bn1(rows_of(src, a, e)))
+                    q = blk.embed(u.permute(0, 2, 3, 1))[0]
+                    carry = self.propagate_correlation and t != nl_last
+                    prev = logits.pop((self.nl_steps[k_nl - 1], a), None) if self.propagate_correlation and k_nl else None
+                    res = window_attention_rows(q, k, v, a - lo, blk.window_size, blk.normalization,
+                                                prev_logits=prev, return_logits=carry, image_height=h)
+                    if carry:
+                        res, logits[(t, a)] = res
+                    return (u.add_(res.permute(0, 3, 1, 2)), )     # z + A g (eq. 3)
+                z = add(attend, [(kv, py)] + s_in, band=_BAND)
+            else:
+                z = add(lambda a, e, src=src, bn1=bn1: (F.relu_(bn1(rows_of(src, a, e))), ), s_in)
+            hid = add(lambda a, e, z=z, conv=self.convs_a[i], bn=bn2:
+                      (conv_rows(conv, bn(stages[z].rows(max(a - 1, 0), min(e + 1, h))[0]), max(a - 1, 0), a, e), ),
+                      [(z, 1)])
+            src = add(lambda a, e, hid=hid, conv=self.convs_b[i], bn=bn3:
+                      (conv_rows(conv, F.relu_(bn(stages[hid].rows(max(a - 1, 0), min(e + 1, h))[0])),
+                                 max(a - 1, 0), a, e).add_(s0_rows(a, e)), ), [(hid, 1)])
+
+        def last(a, e):
+            lo = max(a - 1, 0)
+            s = F.relu(self.bn_last(rows_of(src, lo, min(e + 1, h))))
+            out[:, :, a:e] = x[:, :, a:e] + conv_rows(self.conv_last, s, lo, a, e)
+        add(last, [(src, 1)] if src >= 0 else [])
+        readers = {}
+        for j, st in enumerate(stages):
+            for src_j, need in st.inputs:
+                readers.setdefault(src_j, []).append((st, need))
+
+        def ensure(j, e):
+            st = stages[j]
+            e = min(e, h)
+            if st.band:
+                e = min(h, -(-e // st.band) * st.band)
+            if st.front >= e:
+                return
+            for src_j, need in st.inputs:
+                ensure(src_j, e + need)
+            while st.front < e:
+                b = min(st.front + (st.band or 4 * _BAND), e)
+                st.append(st.compute(st.front, b), b)
+            for src_j, _ in st.inputs:     # rows no reader needs any more
+                stages[src_j].drop_before(min(r.front - need for r, need in readers[src_j]))
+
+        for e in range(_BAND, h + _BAND, _BAND):
+            ensure(len(stages) - 1, e)
+        return out.transpose(2, 3) if transpose else out
+
+
+class _Stage:
+    """One row-streamed computation of ``NLRN._forward_window_stream`` and its output rows [lo, front).
+
+    The rows live in buffers used as a sliding window: appended rows are written after the kept
+    ones and the buffers are only reallocated (kept rows copied) when full or far too large, so a
+    band costs no copy of the rows kept for the readers' halo.
+    """
+
+    def __init__(self, compute, inputs, dims, band):
+        self.compute, self.inputs, self.dims, self.band = compute, inputs, dims, band
+        self.lo = self.front = 0
+        self.bufs, self.off, self.cap = None, 0, 0     # buffers, buffer row of ``lo``, buffer rows
+
+    def _realloc(self, parts, keep, extra):
+        self.cap = keep + extra + 2 * _BAND
+        new = []
+        for p, dim in zip(parts, self.dims):
+            shape = list(p.shape)
+            shape[dim] = self.cap
+            new.append(p.new_empty(shape))
+            if keep:
+                new[-1].narrow(dim, 0, keep).copy_(self.bufs[len(new) - 1].narrow(dim, self.off, keep))
+        self.bufs, self.off = new, 0
+
+    def append(self, parts, end):
+        if parts is not None:
+            n, keep = end - self.front, self.front - self.lo
+            if self.bufs is None or self.off + keep + n > self.cap:
+                self._realloc(parts, keep, n)
+            for buf, p, dim in zip(self.bufs, parts, self.dims):
+                buf.narrow(dim, self.off + keep, n).copy_(p)
+        self.front = end
+
+    def rows(self, a, e):
+        return [b.narrow(dim, self.off + a - self.lo, e - a) for b, dim in zip(self.bufs, self.dims)]
+
+    def drop_before(self, a):
+        a = min(a, self.front)
+        if a > self.lo:
+            self.off += a - self.lo
+            self.lo = a
+            keep = self.front - a
+            if self.bufs is not None and self.cap > 2 * (keep + 4 * _BAND):    # shrink after the first rows
+                self._realloc(self.bufs, keep, 0)

@@ -76,6 +76,24 @@ class WindowedNonLocalBlock(nn.Module):
         """1x1 conv on channels-last (B, H, W, C) features."""
         return F.linear(x_cl, conv.weight.flatten(1), conv.bias)
 
+    def embed(self, x_cl):
+        """Query and key embeddings and values of channels-last features.
+
+        Args:
+            x_cl (Tensor): (B, H, W, num_feat) features.
+
+        Returns:
+            tuple[Tensor, Tensor, Tensor]: q, k (B, H, W, D) and v (B, H, W, num_feat).
+        """
+        if self.theta is None:
+            q = k = x_cl.contiguous()
+            if self.correlation == 'euclidean':
+                q, k = euclidean_embeddings(q)
+        else:
+            q = self._conv_cl(x_cl, self.theta)
+            k = self._conv_cl(x_cl, self.phi) if self.phi is not None else q
+        return q, k, self._conv_cl(x_cl, self.g)
+
     def attend(self, x, state=None, propagate=True):
         """Attention term ``A g`` and the new correlation state.
 
@@ -89,15 +107,7 @@ class WindowedNonLocalBlock(nn.Module):
         """
         if x.dim() != 4 or x.shape[1] != self.num_feat:
             raise ValueError(f'WindowedNonLocalBlock expects (B, {self.num_feat}, H, W), got {tuple(x.shape)}')
-        x_cl = x.permute(0, 2, 3, 1)
-        if self.theta is None:
-            q = k = x_cl.contiguous()
-            if self.correlation == 'euclidean':
-                q, k = euclidean_embeddings(q)
-        else:
-            q = self._conv_cl(x_cl, self.theta)
-            k = self._conv_cl(x_cl, self.phi) if self.phi is not None else q
-        v = self._conv_cl(x_cl, self.g)
+        q, k, v = self.embed(x.permute(0, 2, 3, 1))
         out, state = propagated_attention(q, k, v, state, self.window_size, self.border, self.normalization,
                                           propagate=propagate)
         return out.permute(0, 3, 1, 2), state

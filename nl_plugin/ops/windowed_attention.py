@@ -35,7 +35,8 @@ BORDERS = ('exclude', 'circular')
 
 __all__ = [
     'CorrelationState', 'window_mask', 'dense_attention_reference', 'global_attention',
-    'window_attention', 'propagated_attention', 'euclidean_embeddings', 'check_window_args'
+    'window_attention', 'window_attention_rows', 'propagated_attention', 'euclidean_embeddings',
+    'check_window_args', 'compact_window_size'
 ]
 
 
@@ -350,100 +351,175 @@ def window_attention(q, k, v, window_size, border='exclude', normalization='soft
 
 
 _FAST_BLOCK = 8
-_CHUNK_BYTES = 3 * 2**20     # logits of one chunk of query blocks stay cache-resident
+_GROUP_BYTES = 3 * 2**20     # halo logits of one group of query blocks stay cache-resident
 
 
 @torch.no_grad()
-def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_logits, return_logits, b, blocks):
-    """Inference path of ``window_attention``: same result, cache-sized chunks, no index tensors.
+def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_logits, return_logits, b, blocks,
+                             col0=0):
+    """Inference path of ``window_attention``: same result, no index tensors, few copies.
 
-    The in-window logits of query (i, j) are the (kh, kw) sub-block of its halo logits starting at
+    ``q`` holds the query columns ``col0 .. col0 + q.shape[2]`` of the image that ``k``/``v`` cover
+    (``col0 = 0`` and equal sizes for a whole image; see ``window_attention_rows``).
+
+    Block columns are processed in groups: the keys/values a group reaches are copied once into
+    column strips, keys as (g, D, H + 2py, b + 2px) and values as (g, H + 2py, b + 2px, C), so the
+    halo region of each query block is a strided view that the batched matmuls read in place. The
+    in-window logits of query (i, j) are the (kh, kw) sub-block of its halo logits starting at
     region cell (i, j); over a block they form the strided view ``_compact_view`` (no gather).
     Softmax runs on the compact layout, then the weights are written back into the zeroed halo
     matrix for the value matmul.
     """
-    bsz, h, w, d = q.shape
+    bsz, h, wk, d = k.shape
+    w = q.shape[2]
     c = v.shape[-1]
     kh, kw = 2 * py + 1, 2 * px + 1
     p = kh * kw
     nby, nbx = -(-h // b), -(-w // b)
     hq, wq = nby * b, nbx * b
     rh, rw = b + 2 * py, b + 2 * px
-    rr = rh * rw
+    rr, bb = rh * rw, b * b
     dev = q.device
     circ = border == 'circular'
-    iy, vy = _padded_index(h, py, py + hq - h, circ, dev)
-    ix, vx = _padded_index(w, px, px + wq - w, circ, dev)
-    nb = max(1, min(nbx, _CHUNK_BYTES // (b * b * rr * q.element_size())))
+    g_max = max(1, min(nbx, _GROUP_BYTES // (bb * rr * q.element_size())))
     out = q.new_empty(bsz, h, w, c)
     logits = None
-    if blocks and prev_logits is not None and tuple(prev_logits.shape) != (bsz, nby, nbx, b * b, p):
-        raise ValueError(f'prev_logits in block layout must have shape {(bsz, nby, nbx, b * b, p)}, '
+    if blocks and prev_logits is not None and tuple(prev_logits.shape) != (bsz, nby, nbx, bb, p):
+        raise ValueError(f'prev_logits in block layout must have shape {(bsz, nby, nbx, bb, p)}, '
                          f'got {tuple(prev_logits.shape)}')
-    if return_logits:
-        shape = (bsz, nby, nbx, b * b, p) if blocks else (bsz, h, w, p)
-        logits = prev_logits if prev_logits is not None else q.new_empty(shape)
+    if blocks and prev_logits is not None:
+        logits = prev_logits                                                     # updated in place
+    elif return_logits:
+        logits = prev_logits if prev_logits is not None else \
+            q.new_empty((bsz, nby, nbx, bb, p) if blocks else (bsz, h, w, p))
     ar_b = torch.arange(b, device=dev)
     offy = torch.arange(kh, device=dev) - py
     offx = torch.arange(kw, device=dev) - px
     for bi in range(bsz):
-        if circ:
-            kp, vp = k[bi][iy][:, ix], v[bi][iy][:, ix]
-        else:   # zero padding; out-of-image keys are masked below
-            kp = F.pad(k[bi], (0, 0, px, px + wq - w, py, py + hq - h))
-            vp = F.pad(v[bi], (0, 0, px, px + wq - w, py, py + hq - h))
         qp = F.pad(q[bi], (0, 0, 0, wq - w, 0, hq - h))
-        for by in range(nby):
-            y0 = by * b
-            yn = min(b, h - y0)
-            for bx0 in range(0, nbx, nb):
-                m = min(nb, nbx - bx0)
-                x0 = bx0 * b
-                xn = min(m * b, w - x0)
-                qb = qp[y0:y0 + b, x0:x0 + m * b].reshape(b, m, b, d).transpose(0, 1).reshape(m, b * b, d)
-                kr = kp[y0:y0 + rh, x0:x0 + (m - 1) * b + rw].unfold(1, rw, b)       # (rh, m, d, rw)
-                kr = kr.permute(1, 0, 3, 2).reshape(m, rr, d)
-                vr = vp[y0:y0 + rh, x0:x0 + (m - 1) * b + rw].unfold(1, rw, b)
-                vr = vr.permute(1, 0, 3, 2).reshape(m, rr, c)
-                s = torch.bmm(qb, kr.transpose(1, 2))                                  # (m, b*b, rr)
-                cview = _compact_view(s, b, rh, rw, kh, kw)                           # (m, b, b, kh, kw)
-                if blocks and (prev_logits is not None or return_logits):
-                    lg = logits[bi, by, bx0:bx0 + m].view(m, b, b, kh, kw)         # L_t = L_{t-1} + q.k
+        for gx0 in range(0, nbx, g_max):
+            g = min(g_max, nbx - gx0)
+            x0 = gx0 * b
+            xn = min(g * b, w - x0)
+            # Key columns lo .. hi of this group, zero outside the image (or wrapped round if circular).
+            lo, hi = col0 + x0 - px, col0 + x0 + (g - 1) * b + rw - px
+            if circ:
+                iy = torch.arange(-py, hq + py, device=dev) % h
+                ix = torch.arange(lo, hi, device=dev) % wk
+                ks = k[bi][iy][:, ix].unfold(1, rw, b).permute(1, 2, 0, 3).contiguous()   # (g, d, hq+2py, rw)
+                vs = v[bi][iy][:, ix].unfold(1, rw, b).permute(1, 0, 3, 2).contiguous()   # (g, hq+2py, rw, c)
+            else:   # zero outside the image (those keys are masked below)
+                ks = _strips(k[bi], lo, g, b, rw, py, hq, keys=True)
+                vs = _strips(v[bi], lo, g, b, rw, py, hq, keys=False)
+            qs = qp[:, x0:x0 + g * b].reshape(hq, g, b, d).transpose(0, 1).contiguous()  # (g, hq, b, d)
+            os = q.new_empty(g, hq, b, c)
+            for by in range(nby):
+                y0 = by * b
+                yn = min(b, h - y0)
+                qb = qs[:, y0:y0 + b].reshape(g, bb, d)
+                s = torch.matmul(qb, ks[:, :, y0:y0 + rh].reshape(g, d, rr))               # (g, bb, rr)
+                cview = _compact_view(s, b, rh, rw, kh, kw)                           # (g, b, b, kh, kw)
+                if blocks and logits is not None:
+                    lg = logits[bi, by, gx0:gx0 + g].view(g, b, b, kh, kw)        # L_t = L_{t-1} + q.k
                     lg.add_(cview) if prev_logits is not None else lg.copy_(cview)
                 elif prev_logits is not None:
                     prev = prev_logits[bi, y0:y0 + yn, x0:x0 + xn]
-                    if yn < b or xn < m * b:
-                        prev = F.pad(prev, (0, 0, 0, m * b - xn, 0, b - yn))
-                    lg = cview + prev.reshape(b, m, b, kh, kw).transpose(0, 1)
+                    if yn < b or xn < g * b:
+                        prev = F.pad(prev, (0, 0, 0, g * b - xn, 0, b - yn))
+                    lg = cview + prev.reshape(b, g, b, kh, kw).transpose(0, 1)
                 else:
                     lg = cview.contiguous()
                 if return_logits and not blocks:
-                    logits[bi, y0:y0 + yn, x0:x0 + xn] = \
-                        lg.transpose(0, 1).reshape(b, m * b, p)[:yn, :xn]
-                interior = circ or (y0 - py >= 0 and y0 + b + py <= h and x0 - px >= 0 and x0 + m * b + px <= w)
+                    logits[bi, y0:y0 + yn, x0:x0 + xn] = lg.transpose(0, 1).reshape(b, g * b, p)[:yn, :xn]
+                interior = circ or (y0 - py >= 0 and y0 + b + py <= h and lo >= 0 and hi <= wk)
                 if interior:
-                    lg = lg.view(m, b * b, p)
+                    lg = lg.view(g, bb, p)
                     lg = torch.softmax(lg, dim=-1) if normalization == 'softmax' else lg / p
                 else:
                     # Out-of-image keys; dummy (padding) queries keep every key so no row is empty.
                     ky = y0 + ar_b[:, None] + offy[None, :]                                # (b, kh)
-                    kx = x0 + torch.arange(m * b, device=dev)[:, None] + offx[None, :]      # (m*b, kw)
+                    qx = x0 + torch.arange(g * b, device=dev)
+                    kx = col0 + qx[:, None] + offx[None, :]                              # (g*b, kw)
                     ok_y = ((ky >= 0) & (ky < h)) | (y0 + ar_b >= h)[:, None]
-                    ok_x = ((kx >= 0) & (kx < w)) | (x0 + torch.arange(m * b, device=dev) >= w)[:, None]
+                    ok_x = ((kx >= 0) & (kx < wk)) | (qx >= w)[:, None]
                     bias_y = torch.zeros(b, kh, dtype=lg.dtype, device=dev).masked_fill_(~ok_y, float('-inf'))
-                    bias_x = torch.zeros(m * b, kw, dtype=lg.dtype, device=dev).masked_fill_(~ok_x, float('-inf'))
-                    lg = lg + bias_y.view(1, b, 1, kh, 1) + bias_x.view(m, 1, b, 1, kw)
-                    lg = lg.view(m, b * b, p)
+                    bias_x = torch.zeros(g * b, kw, dtype=lg.dtype, device=dev).masked_fill_(~ok_x, float('-inf'))
+                    lg = lg + bias_y.view(1, b, 1, kh, 1) + bias_x.view(g, 1, b, 1, kw)
+                    lg = lg.view(g, bb, p)
                     if normalization == 'softmax':
                         lg = torch.softmax(lg, dim=-1)
                     else:
                         valid = torch.isfinite(lg)
                         lg = lg.masked_fill(~valid, 0.) / valid.sum(-1, keepdim=True)
                 s.zero_()
-                cview.copy_(lg.view(m, b, b, kh, kw))
-                o = torch.bmm(s, vr)                                                   # (m, b*b, c)
-                out[bi, y0:y0 + yn, x0:x0 + xn] = o.view(m, b, b, c).transpose(0, 1).reshape(b, m * b, c)[:yn, :xn]
+                cview.copy_(lg.view(g, b, b, kh, kw))
+                os[:, y0:y0 + b] = torch.matmul(s, vs[:, y0:y0 + rh].reshape(g, rr, c)).view(g, b, b, c)
+            out[bi, :, x0:x0 + xn] = os[:, :h].transpose(0, 1).reshape(h, g * b, c)[:, :xn]
     return (out, logits) if return_logits else out
+
+
+def _strips(x, lo, g, b, rw, py, hq, keys):
+    """Column strips of ``g`` blocks from x (H, W, C), one copy: block j covers columns lo + j*b ..
+    lo + j*b + rw and rows -py .. hq + py, zero outside x. Keys (g, C, hq+2py, rw), values
+    (g, hq+2py, rw, C)."""
+    h, wk, c = x.shape
+    st = x.new_zeros((g, c, hq + 2 * py, rw) if keys else (g, hq + 2 * py, rw, c))
+    for j in range(g):
+        a = lo + j * b
+        s0, s1 = max(a, 0), min(a + rw, wk)
+        if s1 > s0:
+            src = x[:, s0:s1]
+            if keys:
+                st[j, :, py:py + h, s0 - a:s1 - a] = src.permute(2, 0, 1)
+            else:
+                st[j, py:py + h, s0 - a:s1 - a] = src
+    return st
+
+
+def window_attention_rows(q, k, v, row0, window_size, normalization='softmax', prev_logits=None,
+                          return_logits=False, image_height=None):
+    """Window attention (border 'exclude') of a band of query rows; inference only.
+
+    Lets a network process an image in horizontal bands: the queries are the rows
+    ``row0 .. row0 + n`` of the key image ``k``/``v``, which must hold every in-image row their
+    windows reach (rows beyond ``k`` count as outside the image). Same result as those rows of
+    ``window_attention(..., border='exclude')`` on the whole image.
+
+    Args:
+        q (Tensor): (B, n, W, D) query embeddings.
+        k (Tensor): (B, Hk, W, D) key embeddings. v (Tensor): (B, Hk, W, C) values.
+        row0 (int): Row of ``k`` holding the first query row.
+        window_size (int): Odd window side q.
+        normalization (str): 'softmax' or 'count'.
+        prev_logits (Tensor, optional): Carried logits of the same query rows, in the block layout
+            this function returns (B, ceil(W/8), ceil(n/8), 64, P) (blocks of the transposed band);
+            updated in place.
+        return_logits (bool): Also return the accumulated logits (block layout).
+        image_height (int, optional): Height of the whole image; fixes the compact window size P
+            (see ``compact_window_size``). Default: Hk.
+
+    Returns:
+        Tensor | tuple[Tensor, Tensor]: out (B, n, W, C) [, logits].
+    """
+    _check_qkv(k, k, v)
+    if q.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f'q must be (B, n, W, D) rows of k {tuple(k.shape)}, got {tuple(q.shape)}')
+    if not 0 <= row0 <= k.shape[1] - q.shape[1]:
+        raise ValueError(f'query rows {row0}..{row0 + q.shape[1]} are not rows of k (height {k.shape[1]})')
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError('window_attention_rows is inference-only (autograd is recording)')
+    window_size = check_window_args(window_size, 'exclude', normalization)
+    if window_size == 0:
+        raise ValueError('window_attention_rows needs a window_size >= 1')
+    r = window_size // 2
+    # On the transposed band the query rows are columns: one group of block columns whose key
+    # strips are the whole band, copied once (rows of blocks are then plain views).
+    py, px = min(r, k.shape[2] - 1), min(r, (image_height or k.shape[1]) - 1)
+    res = _window_attention_nograd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), r, py, px, 'exclude',
+                                   normalization, prev_logits, return_logits, _FAST_BLOCK, True, col0=row0)
+    if return_logits:
+        return res[0].transpose(1, 2), res[1]
+    return res.transpose(1, 2)
 
 
 def _compact_view(s, b, rh, rw, kh, kw):
