@@ -31,20 +31,28 @@ def window_fwd(impl):
     return build
 
 
-def train_size(impl):
-    """Patch-scope attention at NLRN's training size (batch 16, 43x43, 64/128 ch): forward + backward."""
+def train_size(impl, window_size=None):
+    """Attention at NLRN's training size (batch 16, 43x43, 64/128 ch), forward + backward: patch scope
+    (window_size None: the whole patch) or the q x q window scope."""
     def build(device, quick):
         from nl_plugin.ops import windowed_attention as wa
         b = 16 if not quick else 4
         q, k, v = _qkv(b, 43, 43, 64, 128, device, grad=True)
-        op = wa.global_attention if impl == 'fast' else (lambda q, k, v: wa.dense_attention_reference(q, k, v, None)[0])
+        if impl == 'dense':
+            def op(q, k, v):
+                return wa.dense_attention_reference(q, k, v, window_size)[0]
+        elif window_size:
+            def op(q, k, v):
+                return wa.window_attention(q, k, v, window_size)
+        else:
+            op = wa.global_attention
 
         def step():
             out = op(q, k, v)
             out.sum().backward()
             _sync(device)
         n = 43 * 43
-        return {'fn': step, 'flops': 3 * 2 * b * n * n * (64 + 128), 'note': f'batch {b}, fwd+bwd'}
+        return {'fn': step, 'flops': 3 * 2 * b * n * n * (64 + 128), 'note': f'batch {b}, fwd+bwd, dense-equivalent flops'}
     return build
 
 
@@ -65,6 +73,10 @@ OP_CASES = {
     'op_train_fast_fwdbwd': ('patch-scope attention (fast: SDPA), batch 16 of 43x43, fwd+bwd', train_size('fast')),
     'op_train_dense_fwdbwd': ('patch-scope attention, dense reference, batch 16 of 43x43, fwd+bwd',
                               train_size('dense')),
+    'op_train_win_fast_fwdbwd': ('window attention q=45 (fast: masked SDPA), batch 16 of 43x43, fwd+bwd',
+                                 train_size('fast', 45)),
+    'op_train_win_dense_fwdbwd': ('window attention q=45, dense masked reference, batch 16 of 43x43, fwd+bwd',
+                                  train_size('dense', 45)),
     'op_n3block_fast_481x321': ('N3 block (tiled, linear in area), 481x321', n3block('fast')),
     'op_n3block_ref_481x321': ('N3 block, gather-all-candidates reference, 481x321', n3block('reference')),
 }

@@ -97,12 +97,10 @@ def test_patch_weights_run_in_window_scope():
     assert circ(x).shape == x.shape
 
 
-def test_window_scope_single_pass_matches_dense_window_reference():
-    """Window scope == the pseudo-code with an explicit window mask on dense logits (eq. 5-6)."""
+def _dense_window_reference(net, x, window_size):
+    """The pseudo-code with an explicit window mask on dense logits (eq. 5-6), embedded Gaussian."""
     from nl_plugin.ops.windowed_attention import window_mask
-    net = _tiny(nl_scope='window', window_size=5)
-    x = torch.rand(1, 1, 8, 9, dtype=torch.float64)
-    mask = window_mask(8, 9, 5)
+    mask = window_mask(x.shape[2], x.shape[3], window_size)
     blk = net.nonlocal_blocks[0]
     s0 = net.conv_first(net.bn_first(x))
     s, logits = s0, None
@@ -115,9 +113,85 @@ def test_window_scope_single_pass_matches_dense_window_reference():
         logits = lt if logits is None else logits + lt
         z = z + (torch.softmax(logits.masked_fill(~mask, float('-inf')), -1) @ g).transpose(1, 2).reshape(z.shape)
         s = net.convs_b[0](torch.relu(bn3(net.convs_a[0](bn2(z))))) + s0
-    ref = x + net.conv_last(torch.relu(net.bn_last(s)))
+    return x + net.conv_last(torch.relu(net.bn_last(s)))
+
+
+def test_window_scope_single_pass_matches_dense_window_reference():
+    """Window scope == the pseudo-code with an explicit window mask on dense logits (eq. 5-6)."""
+    net = _tiny(nl_scope='window', window_size=5)
+    x = torch.rand(1, 1, 8, 9, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(net(x), ref)
+        torch.testing.assert_close(net(x), _dense_window_reference(net, x, 5))
+
+
+def _count_band_calls(monkeypatch):
+    """Wrap the banded attention op NLRN streams with; returns the live calls / live logits record."""
+    import weakref
+
+    from nl_plugin.archs import nlrn_arch
+    orig = nlrn_arch.window_attention_rows
+    rec = {'calls': 0, 'live': weakref.WeakValueDictionary(), 'max_live': 0}
+
+    def wrapped(*args, **kw):
+        res = orig(*args, **kw)
+        rec['calls'] += 1
+        if kw.get('return_logits'):
+            rec['live'][rec['calls']] = res[1]
+            rec['max_live'] = max(rec['max_live'], len({id(t) for t in rec['live'].values()}))   # updated in place
+        return res
+    monkeypatch.setattr(nlrn_arch, 'window_attention_rows', wrapped)
+    return rec
+
+
+@pytest.mark.parametrize('h,w', [(9, 26), (27, 8), (21, 21)])
+def test_streamed_window_inference_matches_dense_reference(h, w, monkeypatch):
+    """Inference streams bands of rows along the long side through all steps; same result."""
+    rec = _count_band_calls(monkeypatch)
+    net = _tiny(nl_scope='window', window_size=5)
+    x = torch.rand(2, 1, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        out = net(x)
+    assert rec['calls'] == net.num_steps * -(-max(h, w) // 8)
+    torch.testing.assert_close(out, _dense_window_reference(net, x, 5))
+
+
+@pytest.mark.parametrize('kw', [dict(nonlocal_every=2), dict(share_weights=False), dict(propagate_correlation=False),
+                                dict(correlation='symmetric_embedded_gaussian'), dict(correlation='euclidean'),
+                                dict(correlation='embedded_dot_product'), dict(num_steps=1)])
+def test_streamed_window_inference_matches_whole_image_path(kw, monkeypatch):
+    rec = _count_band_calls(monkeypatch)
+    net = _tiny(nl_scope='window', window_size=5, **kw)
+    x = torch.rand(1, 1, 23, 12, dtype=torch.float64)
+    with torch.no_grad():
+        streamed = net(x)
+    assert rec['calls'] > 0
+    calls = rec['calls']
+    whole = net(x.clone().requires_grad_())        # autograd on: the whole-image path
+    assert rec['calls'] == calls
+    torch.testing.assert_close(streamed, whole.detach())
+
+
+def test_streamed_carried_logits_stay_bounded(monkeypatch):
+    """Carried logits live only between the first and the last step's front, not for the whole image."""
+    rec = _count_band_calls(monkeypatch)
+    net = _tiny(nl_scope='window', window_size=5, num_steps=4)
+    with torch.no_grad():
+        net(torch.rand(1, 1, 240, 10, dtype=torch.float64))
+    bands = 240 // 8
+    assert rec['calls'] == 4 * bands
+    # Step t+1 of a band needs step t to be r + 2 = 4 rows further: one band ahead per step.
+    assert rec['max_live'] <= 2 * (net.num_steps - 1) + 1 < bands
+
+
+def test_stream_only_where_it_applies(monkeypatch):
+    rec = _count_band_calls(monkeypatch)
+    x = torch.rand(1, 1, 30, 9, dtype=torch.float64)
+    with torch.no_grad():
+        for net in (_tiny(nl_scope='window', window_size=5, border='circular'), _tiny(nl_scope='patch'),
+                    _tiny(nl_scope='window', window_size=9).train()):
+            net(x)
+        _tiny(nl_scope='window', window_size=5)(x[:, :, :19])     # long side < 4 windows
+    assert rec['calls'] == 0
 
 
 @pytest.mark.parametrize('correlation', sorted(CORRELATIONS))

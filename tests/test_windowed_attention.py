@@ -139,3 +139,67 @@ def test_mask_and_errors():
         window_attention(q, k, v, 3, prev_logits=torch.zeros(1, 4, 4, 3))
     with pytest.raises(ValueError, match='same shape'):
         window_attention(q, k[..., :2], v, 3)
+
+
+@pytest.mark.parametrize('h,w,ws,norm', [(21, 9, 5, 'softmax'), (17, 12, 7, 'count'), (19, 6, 9, 'softmax'),
+                                         (6, 11, 45, 'softmax')])
+def test_window_rows_in_bands_match_dense_two_steps(h, w, ws, norm):
+    """Bands of 8 query rows with only the key rows their windows reach == the whole image, carried logits too."""
+    from nl_plugin.ops.windowed_attention import window_attention_rows
+    q, k, v = _qkv(2, h, w)
+    q2, k2, _ = _qkv(2, h, w)
+    ref, dense_logits = dense_attention_reference(q, k, v, ws, 'exclude', norm)
+    ref2, _ = dense_attention_reference(q2, k2, v, ws, 'exclude', norm, prev_logits=dense_logits)
+    py = min(ws // 2, h - 1)
+    outs, outs2 = [], []
+    for a in range(0, h, 8):
+        e = min(a + 8, h)
+        lo, hi = max(a - py, 0), min(e + py, h)
+        out, logits = window_attention_rows(q[:, a:e], k[:, lo:hi], v[:, lo:hi], a - lo, ws, norm, return_logits=True,
+                                            image_height=h)
+        outs.append(out)
+        outs2.append(window_attention_rows(q2[:, a:e], k2[:, lo:hi], v[:, lo:hi], a - lo, ws, norm, prev_logits=logits,
+                                           image_height=h))
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.cat(outs2, 1), ref2, rtol=0, atol=1e-12)
+
+
+def test_window_rows_rejects_bad_calls():
+    from nl_plugin.ops.windowed_attention import window_attention_rows
+    q, k, v = _qkv(1, 10, 6)
+    with pytest.raises(ValueError, match='not rows of k'):
+        window_attention_rows(q[:, :4], k, v, 8, 3)
+    with pytest.raises(ValueError, match='inference-only'):
+        window_attention_rows(q[:, :4].requires_grad_(), k, v, 0, 3)
+    with pytest.raises(ValueError, match='odd'):
+        window_attention_rows(q[:, :4], k, v, 0, 4)
+
+
+def test_small_image_training_uses_fused_masked_attention(monkeypatch):
+    """With autograd on a small image, the window step is one fused masked attention (embeddings
+    carried between steps) and equals the dense reference in value and gradient."""
+    import torch.nn.functional as F
+
+    from nl_plugin.ops import windowed_attention as wa
+    calls = []
+    orig = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(k) or orig(*a, **k))
+    steps = [_qkv(2, 9, 11, grad=True) for _ in range(3)]
+    state, logits, outs, refs = None, None, [], []
+    for q, k, v in steps:
+        out, state = propagated_attention(q, k, v, state, window_size=7)
+        ref, logits = dense_attention_reference(q, k, v, 7, prev_logits=logits)
+        outs.append(out)
+        refs.append(ref)
+    assert len(calls) == 3 and all(c['attn_mask'] is not None for c in calls) and state.logits is None
+    torch.testing.assert_close(torch.stack(outs), torch.stack(refs), rtol=0, atol=1e-12)
+    leaves = [t for s in steps for t in s]
+    g_fast = torch.autograd.grad(torch.stack(outs).square().sum(), leaves)
+    g_ref = torch.autograd.grad(torch.stack(refs).square().sum(), leaves)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    # Larger images and inference keep the blocked algorithm.
+    big = [t.detach().requires_grad_() for t in _qkv(1, 70, 70, d=2, c=2)]
+    assert not wa._use_masked_sdpa(*big, 'softmax')
+    with torch.no_grad():
+        assert not wa._use_masked_sdpa(*_qkv(1, 9, 11, grad=True), 'softmax')

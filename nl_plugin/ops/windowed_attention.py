@@ -175,15 +175,41 @@ def global_attention(q, k, v, normalization='softmax'):
     if normalization == 'count':
         out = (qf @ (kf.transpose(-1, -2) @ vf)) / (h * w)
     elif normalization == 'softmax':
-        # The fused CPU kernel needs equal head sizes: zero-padding q/k (or v) changes nothing.
-        if d < c:
-            qf, kf = F.pad(qf, (0, c - d)), F.pad(kf, (0, c - d))
-        elif c < d and not q.is_cuda:
-            vf = F.pad(vf, (0, d - c))
-        out = F.scaled_dot_product_attention(qf, kf, vf, scale=1.0)[..., :c]
+        out = _sdpa(qf, kf, vf)
     else:
         raise ValueError(f'normalization must be one of {NORMALIZATIONS}, got {normalization!r}')
     return out.reshape(b, h, w, c)
+
+
+def _sdpa(qf, kf, vf, mask=None):
+    """Fused softmax attention without NLRN's missing 1/sqrt(d): (B, 1, N, D), (B, 1, N, C) -> (B, 1, N, C)."""
+    d, c = qf.shape[-1], vf.shape[-1]
+    # The fused CPU kernel needs equal head sizes: zero-padding q/k (or v) changes nothing.
+    if d < c:
+        qf, kf = F.pad(qf, (0, c - d)), F.pad(kf, (0, c - d))
+    elif c < d and not qf.is_cuda:
+        vf = F.pad(vf, (0, d - c))
+    return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=1.0)[..., :c]
+
+
+# Up to this many pixels, a window-scope step with autograd runs as fused attention over the whole
+# (small) image with the window as a mask: at NLRN's 43x43 training size a q = 45 window covers most
+# of the image, so the halo blocks would compute more than the dense logits.
+_DENSE_WINDOW_PIXELS = 64 * 64
+
+
+def _masked_window_sdpa(q, k, v, window_size, border):
+    """Softmax window attention of a small image as one fused masked attention (memory O(N))."""
+    b, h, w, d = q.shape
+    mask = window_mask(h, w, window_size, border, device=q.device)
+    out = _sdpa(q.reshape(b, 1, h * w, d), k.reshape(b, 1, h * w, d), v.reshape(b, 1, h * w, -1), mask)
+    return out.reshape(b, h, w, -1)
+
+
+def _use_masked_sdpa(q, k, v, normalization, prev_logits=None, return_logits=False):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return (grad and normalization == 'softmax' and prev_logits is None and not return_logits
+            and q.shape[1] * q.shape[2] <= _DENSE_WINDOW_PIXELS)
 
 
 # ----------------------------------------------------------------------------- window scope
@@ -240,7 +266,9 @@ def window_attention(q, k, v, window_size, border='exclude', normalization='soft
         prev_logits (Tensor, optional): (B, H, W, P) carried logits (see above). When autograd is
             not recording for it, it is updated IN PLACE to the new logits to save memory.
         return_logits (bool): Also return the accumulated logits (B, H, W, P).
-        block_size (int, optional): Query block side b (default: chosen from the size).
+        block_size (int, optional): Query block side b of the blocked algorithm (default: chosen
+            from the size; with autograd on a small image and softmax, one fused masked attention
+            over the image is used instead unless a block size is given).
         logits_layout (str): 'image' for the (B, H, W, P) layout above, or 'blocks' for the
             inference-only layout (B, nby, nbx, b*b, P) of query blocks (faster: updated in place,
             no permutes; only valid with autograd off and the same block size).
@@ -263,6 +291,8 @@ def window_attention(q, k, v, window_size, border='exclude', normalization='soft
     tensors = (q, k, v) if prev_logits is None else (q, k, v, prev_logits)
     if logits_layout not in ('image', 'blocks'):
         raise ValueError(f"logits_layout must be 'image' or 'blocks', got {logits_layout!r}")
+    if block_size is None and _use_masked_sdpa(q, k, v, normalization, prev_logits, return_logits):
+        return _masked_window_sdpa(q, k, v, window_size, border)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_logits,
                                         return_logits, block_size or _FAST_BLOCK, logits_layout == 'blocks')
@@ -582,6 +612,10 @@ def propagated_attention(q, k, v, state=None, window_size=None, border='exclude'
         if state is not None and state.logits is not None:
             raise ValueError('global attention carries embeddings, not logits')
         out = global_attention(q, k, v, normalization)
+        return out, (CorrelationState(q=q, k=k) if propagate else None)
+    if not store_logits and (state is None or state.logits is None) and _use_masked_sdpa(q, k, v, normalization):
+        # Small image in training: carry the embeddings and run fused masked attention.
+        out = window_attention(q, k, v, window_size, border, normalization)
         return out, (CorrelationState(q=q, k=k) if propagate else None)
     layout = 'image' if torch.is_grad_enabled() and (q.requires_grad or v.requires_grad) else 'blocks'
     if state is not None and state.logits is not None:
