@@ -127,9 +127,10 @@ class NLRN(nn.Module):
         Step t+1 of the rows [a, a+8) needs step t only down to row a+8+r+2 (window radius r, then
         two 3x3 convs), so all steps run as a pipeline in bands of 8 rows, each band computed at
         the latest moment a later step asks for it. The carried logits (P = q^2 floats a pixel, the
-        bulk of the memory) then exist for about (T-1)(r+10) rows between the first and the last
-        step's front instead of the whole image, and the other features for a few bands each. The
-        image is transposed (with the 3x3 kernels) so that the bands run along its longer side.
+        bulk of the memory) then exist only for the (T-1)(r+2) rows (rounded up to bands) between
+        the first and the last step's front instead of the whole image, and the other features for
+        a few bands each. The image is transposed (with the 3x3 kernels) so that the bands run
+        along its longer side.
 
         Args:
             x (Tensor): (B, num_in_ch, H, W) in [0, 1], eval mode.
@@ -175,9 +176,11 @@ class NLRN(nn.Module):
             if t in self.nl_steps:
                 k_nl = self.nl_steps.index(t)
                 blk = self.nonlocal_blocks[0 if len(self.nonlocal_blocks) == 1 else k_nl]
-                # Keys and values over the window's reach; queries only for the band, in ``attend``.
-                kv = add(lambda a, e, src=src, bn1=bn1, blk=blk: blk.embed(F.relu_(bn1(rows_of(src, a, e))).permute(0, 2, 3, 1))[1:],
-                         s_in, dims=(1, 1))
+
+                def keys_values(a, e, src=src, bn1=bn1, blk=blk):
+                    """Keys and values, kept over the window's reach (queries: only the band, in ``attend``)."""
+                    return blk.embed(F.relu_(bn1(rows_of(src, a, e))).permute(0, 2, 3, 1))[1:]
+                kv = add(keys_values, s_in, dims=(1, 1))
 
                 def attend(a, e, t=t, k_nl=k_nl, blk=blk, bn1=bn1, src=src, kv=kv):
                     lo, hi = max(a - py, 0), min(e + py, h)
@@ -228,7 +231,7 @@ class NLRN(nn.Module):
 
         for e in range(_BAND, h + _BAND, _BAND):
             ensure(len(stages) - 1, e)
-        return out.transpose(2, 3) if transpose else out
+        return out.transpose(2, 3).contiguous() if transpose else out
 
 
 class _Stage:
