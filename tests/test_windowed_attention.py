@@ -37,6 +37,24 @@ def test_window_matches_dense_two_steps(h, w, ws, border, norm, block):
         torch.testing.assert_close(out2, ref2, rtol=0, atol=1e-12)
 
 
+
+@pytest.mark.parametrize('border,norm', [('exclude', 'softmax'), ('circular', 'softmax'), ('exclude', 'count')])
+def test_inference_groups_reuse_buffers(border, norm, monkeypatch):
+    """One block column per group: the key/value strip and weight buffers are reused across the
+    left edge, interior columns and the right edge, and must not leak values between groups."""
+    from nl_plugin.ops import windowed_attention as wa
+    monkeypatch.setattr(wa, '_GROUP_BYTES', 1)
+    q, k, v = _qkv(2, 11, 37)
+    ref, dense_logits = dense_attention_reference(q, k, v, 5, border, norm)
+    q2, k2, _ = _qkv(2, 11, 37)
+    ref2, _ = dense_attention_reference(q2, k2, v, 5, border, norm, prev_logits=dense_logits)
+    with torch.no_grad():
+        out, logits = window_attention(q, k, v, 5, border, norm, return_logits=True, block_size=3,
+                                       logits_layout='blocks')
+        out2 = window_attention(q2, k2, v, 5, border, norm, prev_logits=logits, block_size=3, logits_layout='blocks')
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out2, ref2, rtol=0, atol=1e-12)
+
 def test_window_border_excludes_outside_neighbours():
     # A constant-logit query at the corner averages exactly the in-image part of its window.
     q = torch.zeros(1, 6, 6, 2, dtype=torch.float64)
@@ -142,10 +160,15 @@ def test_mask_and_errors():
 
 
 @pytest.mark.parametrize('h,w,ws,norm', [(21, 9, 5, 'softmax'), (17, 12, 7, 'count'), (19, 6, 9, 'softmax'),
-                                         (6, 11, 45, 'softmax')])
-def test_window_rows_in_bands_match_dense_two_steps(h, w, ws, norm):
-    """Bands of 8 query rows with only the key rows their windows reach == the whole image, carried logits too."""
+                                         (6, 11, 45, 'softmax'), (26, 41, 5, 'softmax'), (26, 30, 5, 'count')])
+@pytest.mark.parametrize('blocks_per_matmul', [None, 2])
+def test_window_rows_in_bands_match_dense_two_steps(h, w, ws, norm, blocks_per_matmul, monkeypatch):
+    """Bands of 8 query rows with only the key rows their windows reach == the whole image, carried logits too.
+    A band's blocks are batched into matmuls (all of them, or 2 at a time: edge and interior batches)."""
+    from nl_plugin.ops import windowed_attention as wa
     from nl_plugin.ops.windowed_attention import window_attention_rows
+    if blocks_per_matmul:   # halo logits of one 8x8 query block: 64 x (8 + 2r)^2 float64
+        monkeypatch.setattr(wa, '_GROUP_BYTES', blocks_per_matmul * 64 * (8 + ws - 1)**2 * 8)
     q, k, v = _qkv(2, h, w)
     q2, k2, _ = _qkv(2, h, w)
     ref, dense_logits = dense_attention_reference(q, k, v, ws, 'exclude', norm)

@@ -140,21 +140,29 @@ class NLRN(nn.Module):
         """
         transpose = x.shape[3] > x.shape[2]
         if transpose:
-            x = x.transpose(2, 3)
+            x = x.transpose(2, 3).contiguous()
         h = x.shape[2]
         ws = self.nonlocal_blocks[0].window_size
         py = min(ws // 2, h - 1)
         out = torch.empty_like(x)
+        # Features are channels-last (NHWC in memory): oneDNN's 3x3 convs are faster on it, and the
+        # non-local embeddings and attention output are NHWC views of the same memory.
+        cl = torch.channels_last
+        weights = {}
 
         def conv_rows(conv, inp, lo, a, e):
             """Rows [a, e) of a 3x3 conv (zero padding) of ``inp``, which holds rows lo.. of its input."""
-            t = F.pad(inp[:, :, max(a - 1, 0) - lo:min(e + 1, h) - lo], (0, 0, int(a == 0), int(e == h)))
-            weight = conv.weight.transpose(2, 3) if transpose else conv.weight
-            return F.conv2d(t, weight, conv.bias, padding=(0, 1))
+            t = inp[:, :, max(a - 1, 0) - lo:min(e + 1, h) - lo]
+            if a == 0 or e == h:
+                t = F.pad(t, (0, 0, int(a == 0), int(e == h))).contiguous(memory_format=cl)
+            if conv not in weights:
+                weights[conv] = (conv.weight.transpose(2, 3) if transpose else conv.weight).contiguous(memory_format=cl)
+            return F.conv2d(t, weights[conv], conv.bias, padding=(0, 1))
 
         def s0_rows(a, e):
             lo = max(a - 1, 0)
-            return conv_rows(self.conv_first, self.bn_first(x[:, :, lo:min(e + 1, h)]), lo, a, e)
+            s0 = conv_rows(self.conv_first, self.bn_first(x[:, :, lo:min(e + 1, h)]), lo, a, e)
+            return s0.contiguous(memory_format=cl)     # a 1-channel input gives no layout to follow
 
         stages = []
 
@@ -179,14 +187,14 @@ class NLRN(nn.Module):
 
                 def keys_values(a, e, src=src, bn1=bn1, blk=blk):
                     """Keys and values, kept over the window's reach (queries: only the band, in ``attend``)."""
-                    return blk.embed(F.relu_(bn1(rows_of(src, a, e))).permute(0, 2, 3, 1))[1:]
+                    return blk.embed(F.relu_(bn1(rows_of(src, a, e))).permute(0, 2, 3, 1), query=False)
                 kv = add(keys_values, s_in, dims=(1, 1))
 
                 def attend(a, e, t=t, k_nl=k_nl, blk=blk, bn1=bn1, src=src, kv=kv):
                     lo, hi = max(a - py, 0), min(e + py, h)
                     k, v = stages[kv].rows(lo, hi)
                     u = F.relu_(bn1(rows_of(src, a, e)))
-                    q = blk.embed(u.permute(0, 2, 3, 1))[0]
+                    q = blk.embed(u.permute(0, 2, 3, 1), key_value=False)[0]
                     carry = self.propagate_correlation and t != nl_last
                     prev = logits.pop((self.nl_steps[k_nl - 1], a), None) if self.propagate_correlation and k_nl else None
                     res = window_attention_rows(q, k, v, a - lo, blk.window_size, blk.normalization,
@@ -253,7 +261,8 @@ class _Stage:
         for p, dim in zip(parts, self.dims):
             shape = list(p.shape)
             shape[dim] = self.cap
-            new.append(p.new_empty(shape))
+            fmt = torch.channels_last if p.dim() == 4 and not p.is_contiguous() else torch.contiguous_format
+            new.append(torch.empty(shape, dtype=p.dtype, device=p.device, memory_format=fmt))
             if keep:
                 new[-1].narrow(dim, 0, keep).copy_(self.bufs[len(new) - 1].narrow(dim, self.off, keep))
         self.bufs, self.off = new, 0

@@ -76,23 +76,25 @@ class WindowedNonLocalBlock(nn.Module):
         """1x1 conv on channels-last (B, H, W, C) features."""
         return F.linear(x_cl, conv.weight.flatten(1), conv.bias)
 
-    def embed(self, x_cl):
+    def embed(self, x_cl, query=True, key_value=True):
         """Query and key embeddings and values of channels-last features.
 
         Args:
             x_cl (Tensor): (B, H, W, num_feat) features.
+            query (bool): Compute the query embedding q. Default: True.
+            key_value (bool): Compute the key embedding k and the values v. Default: True.
 
         Returns:
-            tuple[Tensor, Tensor, Tensor]: q, k (B, H, W, D) and v (B, H, W, num_feat).
+            tuple[Tensor, ...]: the requested of q, k (B, H, W, D) and v (B, H, W, num_feat), in that order.
         """
         if self.theta is None:
             q = k = x_cl.contiguous()
             if self.correlation == 'euclidean':
                 q, k = euclidean_embeddings(q)
         else:
-            q = self._conv_cl(x_cl, self.theta)
-            k = self._conv_cl(x_cl, self.phi) if self.phi is not None else q
-        return q, k, self._conv_cl(x_cl, self.g)
+            q = self._conv_cl(x_cl, self.theta) if query or self.phi is None else None
+            k = q if self.phi is None else self._conv_cl(x_cl, self.phi) if key_value else None
+        return ((q, ) if query else ()) + ((k, self._conv_cl(x_cl, self.g)) if key_value else ())
 
     def attend(self, x, state=None, propagate=True):
         """Attention term ``A g`` and the new correlation state.

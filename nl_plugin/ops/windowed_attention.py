@@ -392,13 +392,14 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
     ``q`` holds the query columns ``col0 .. col0 + q.shape[2]`` of the image that ``k``/``v`` cover
     (``col0 = 0`` and equal sizes for a whole image; see ``window_attention_rows``).
 
-    Block columns are processed in groups: the keys/values a group reaches are copied once into
-    column strips, keys as (g, D, H + 2py, b + 2px) and values as (g, H + 2py, b + 2px, C), so the
-    halo region of each query block is a strided view that the batched matmuls read in place. The
-    in-window logits of query (i, j) are the (kh, kw) sub-block of its halo logits starting at
-    region cell (i, j); over a block they form the strided view ``_compact_view`` (no gather).
-    Softmax runs on the compact layout, then the weights are written back into the zeroed halo
-    matrix for the value matmul.
+    Block columns are processed in groups: the keys and values a group reaches are copied once into
+    column strips (g, H + 2py, b + 2px, D + C), so the halo region of each query block is a strided
+    (rh*rw, D) / (rh*rw, C) view that the batched matmuls read in place (several block rows of one
+    column are batched the same way, their regions overlapping). The in-window logits of query
+    (i, j) are the (kh, kw) sub-block of its halo logits starting at region cell (i, j); over a block
+    they form the strided view ``_compact_view`` (no gather). Softmax runs on the compact layout and
+    the weights go into the same view of a halo buffer whose other entries stay zero, for the value
+    matmul.
     """
     bsz, h, wk, d = k.shape
     w = q.shape[2]
@@ -411,7 +412,13 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
     rr, bb = rh * rw, b * b
     dev = q.device
     circ = border == 'circular'
-    g_max = max(1, min(nbx, _GROUP_BYTES // (bb * rr * q.element_size())))
+    # Blocks per batched matmul: a group of g block columns, or for a single block column (a band,
+    # see ``window_attention_rows``) m block rows, so that their halo logits stay cache-resident.
+    n_max = max(1, _GROUP_BYTES // (bb * rr * q.element_size()))
+    g_max = min(nbx, n_max)
+    image_logits = prev_logits is not None and not blocks or return_logits and not blocks
+    m_max = min(nby, n_max) if g_max == 1 and not image_logits else 1
+    n_max = max(g_max, m_max)
     out = q.new_empty(bsz, h, w, c)
     logits = None
     if blocks and prev_logits is not None and tuple(prev_logits.shape) != (bsz, nby, nbx, bb, p):
@@ -422,9 +429,15 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
     elif return_logits:
         logits = prev_logits if prev_logits is not None else \
             q.new_empty((bsz, nby, nbx, bb, p) if blocks else (bsz, h, w, p))
-    ar_b = torch.arange(b, device=dev)
     offy = torch.arange(kh, device=dev) - py
     offx = torch.arange(kw, device=dev) - px
+    # Buffers reused by every block (no allocation, hence no page faults, in the loop). ``a_buf``
+    # holds the attention weights in halo layout: the in-window entries of a block are the same
+    # strided view for every block, so the others are zeroed once here and never written.
+    s_buf = q.new_empty(n_max, bb, rr)
+    strips = q.new_zeros(g_max, hq + 2 * py, rw, d + c)     # keys and values of a group, see ``_fill_strips``
+    a_buf = q.new_zeros(n_max, bb, rr)
+    lg_buf = q.new_empty(n_max, b, b, kh, kw) if not return_logits and prev_logits is None else None
     for bi in range(bsz):
         qp = F.pad(q[bi], (0, 0, 0, wq - w, 0, hq - h))
         for gx0 in range(0, nbx, g_max):
@@ -436,74 +449,87 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
             if circ:
                 iy = torch.arange(-py, hq + py, device=dev) % h
                 ix = torch.arange(lo, hi, device=dev) % wk
-                ks = k[bi][iy][:, ix].unfold(1, rw, b).permute(1, 2, 0, 3).contiguous()   # (g, d, hq+2py, rw)
-                vs = v[bi][iy][:, ix].unfold(1, rw, b).permute(1, 0, 3, 2).contiguous()   # (g, hq+2py, rw, c)
+                kv = torch.cat([k[bi], v[bi]], -1)[iy][:, ix]
+                strips[:g].copy_(kv.unfold(1, rw, b).permute(1, 0, 3, 2))            # (g, hq+2py, rw, d+c)
             else:   # zero outside the image (those keys are masked below)
-                ks = _strips(k[bi], lo, g, b, rw, py, hq, keys=True)
-                vs = _strips(v[bi], lo, g, b, rw, py, hq, keys=False)
+                _fill_strips(strips, k[bi], v[bi], lo, g, b, rw, py)
             qs = qp[:, x0:x0 + g * b].reshape(hq, g, b, d).transpose(0, 1).contiguous()  # (g, hq, b, d)
             os = q.new_empty(g, hq, b, c)
-            for by in range(nby):
-                y0 = by * b
-                yn = min(b, h - y0)
-                qb = qs[:, y0:y0 + b].reshape(g, bb, d)
-                s = torch.matmul(qb, ks[:, :, y0:y0 + rh].reshape(g, d, rr))               # (g, bb, rr)
-                cview = _compact_view(s, b, rh, rw, kh, kw)                           # (g, b, b, kh, kw)
+            for by in range(0, nby, m_max):
+                m = min(m_max, nby - by)
+                n, y0, yn = g * m, by * b, min(m * b, h - by * b)                    # blocks; query rows
+                reg = _regions(strips, g, m, y0, b, rh, rw)                         # (n, rh*rw, d+c)
+                s, a = s_buf[:n], a_buf[:n]
+                torch.matmul(qs[:, y0:y0 + m * b].reshape(n, bb, d), reg[..., :d].transpose(1, 2), out=s)
+                cview = _compact_view(s, b, rh, rw, kh, kw)                          # (n, b, b, kh, kw)
                 if blocks and logits is not None:
-                    lg = logits[bi, by, gx0:gx0 + g].view(g, b, b, kh, kw)        # L_t = L_{t-1} + q.k
+                    lg = logits[bi, by:by + m, gx0:gx0 + g].view(n, b, b, kh, kw)   # L_t = L_{t-1} + q.k
                     lg.add_(cview) if prev_logits is not None else lg.copy_(cview)
-                elif prev_logits is not None:
+                elif prev_logits is not None:     # image layout (m = 1)
                     prev = prev_logits[bi, y0:y0 + yn, x0:x0 + xn]
                     if yn < b or xn < g * b:
                         prev = F.pad(prev, (0, 0, 0, g * b - xn, 0, b - yn))
                     lg = cview + prev.reshape(b, g, b, kh, kw).transpose(0, 1)
+                elif lg_buf is not None:
+                    lg = lg_buf[:n].copy_(cview)
                 else:
                     lg = cview.contiguous()
                 if return_logits and not blocks:
                     logits[bi, y0:y0 + yn, x0:x0 + xn] = lg.transpose(0, 1).reshape(b, g * b, p)[:yn, :xn]
-                interior = circ or (y0 - py >= 0 and y0 + b + py <= h and lo >= 0 and hi <= wk)
-                if interior:
-                    lg = lg.view(g, bb, p)
-                    lg = torch.softmax(lg, dim=-1) if normalization == 'softmax' else lg / p
-                else:
+                interior = circ or (y0 - py >= 0 and y0 + m * b + py <= h and lo >= 0 and hi <= wk)
+                if not interior:
                     # Out-of-image keys; dummy (padding) queries keep every key so no row is empty.
-                    ky = y0 + ar_b[:, None] + offy[None, :]                                # (b, kh)
+                    qy = y0 + torch.arange(m * b, device=dev)
                     qx = x0 + torch.arange(g * b, device=dev)
+                    ky = qy[:, None] + offy[None, :]                                    # (m*b, kh)
                     kx = col0 + qx[:, None] + offx[None, :]                              # (g*b, kw)
-                    ok_y = ((ky >= 0) & (ky < h)) | (y0 + ar_b >= h)[:, None]
+                    ok_y = ((ky >= 0) & (ky < h)) | (qy >= h)[:, None]
                     ok_x = ((kx >= 0) & (kx < wk)) | (qx >= w)[:, None]
-                    bias_y = torch.zeros(b, kh, dtype=lg.dtype, device=dev).masked_fill_(~ok_y, float('-inf'))
+                    bias_y = torch.zeros(m * b, kh, dtype=lg.dtype, device=dev).masked_fill_(~ok_y, float('-inf'))
                     bias_x = torch.zeros(g * b, kw, dtype=lg.dtype, device=dev).masked_fill_(~ok_x, float('-inf'))
-                    lg = lg + bias_y.view(1, b, 1, kh, 1) + bias_x.view(g, 1, b, 1, kw)
-                    lg = lg.view(g, bb, p)
-                    if normalization == 'softmax':
-                        lg = torch.softmax(lg, dim=-1)
-                    else:
-                        valid = torch.isfinite(lg)
-                        lg = lg.masked_fill(~valid, 0.) / valid.sum(-1, keepdim=True)
-                s.zero_()
-                cview.copy_(lg.view(g, b, b, kh, kw))
-                os[:, y0:y0 + b] = torch.matmul(s, vs[:, y0:y0 + rh].reshape(g, rr, c)).view(g, b, b, c)
+                    lg = lg + bias_y.view(m, b, 1, kh, 1) + bias_x.view(g, 1, b, 1, kw)
+                lg = lg.view(n, bb, p)
+                if normalization == 'softmax':
+                    wts = torch.softmax(lg, dim=-1)
+                elif interior:
+                    wts = lg / p
+                else:
+                    valid = torch.isfinite(lg)
+                    wts = lg.masked_fill(~valid, 0.) / valid.sum(-1, keepdim=True)
+                _compact_view(a, b, rh, rw, kh, kw).copy_(wts.view(n, b, b, kh, kw))
+                os[:, y0:y0 + m * b] = torch.matmul(a, reg[..., d:]).view(g, m * b, b, c)
             out[bi, :, x0:x0 + xn] = os[:, :h].transpose(0, 1).reshape(h, g * b, c)[:, :xn]
     return (out, logits) if return_logits else out
 
 
-def _strips(x, lo, g, b, rw, py, hq, keys):
-    """Column strips of ``g`` blocks from x (H, W, C), one copy: block j covers columns lo + j*b ..
-    lo + j*b + rw and rows -py .. hq + py, zero outside x. Keys (g, C, hq+2py, rw), values
-    (g, hq+2py, rw, C)."""
-    h, wk, c = x.shape
-    st = x.new_zeros((g, c, hq + 2 * py, rw) if keys else (g, hq + 2 * py, rw, c))
+def _regions(strips, g, m, y0, b, rh, rw):
+    """Halo regions of g block columns (m = 1) or of m block rows of one column (g = 1) from row y0,
+    as an (n, rh*rw, D+C) view of ``strips`` (G, hq+2py, rw, D+C): consecutive block rows overlap."""
+    if m == 1:
+        return strips[:g, y0:y0 + rh].reshape(g, rh * rw, -1)
+    st = strips.stride()
+    return strips[0, y0:].as_strided((m, rh * rw, strips.shape[-1]), (b * st[1], st[2], st[3]))
+
+
+def _fill_strips(strips, k, v, lo, g, b, rw, py):
+    """Copy the key/value columns that ``g`` block columns reach into ``strips`` (G, hq+2py, rw, D+C).
+
+    Strip j holds columns lo + j*b .. lo + j*b + rw of [k, v] (H, W, D+C) in its rows py .. py+H;
+    the rows outside stay zero from allocation and out-of-image columns are zeroed here, so one
+    buffer serves every group without clearing it.
+    """
+    h, wk, d = k.shape
     for j in range(g):
         a = lo + j * b
         s0, s1 = max(a, 0), min(a + rw, wk)
+        st = strips[j, py:py + h]
+        if s0 > a:
+            st[:, :s0 - a].zero_()
+        if s1 < a + rw:
+            st[:, max(s1, s0) - a:].zero_()
         if s1 > s0:
-            src = x[:, s0:s1]
-            if keys:
-                st[j, :, py:py + h, s0 - a:s1 - a] = src.permute(2, 0, 1)
-            else:
-                st[j, py:py + h, s0 - a:s1 - a] = src
-    return st
+            st[:, s0 - a:s1 - a, :d] = k[:, s0:s1]
+            st[:, s0 - a:s1 - a, d:] = v[:, s0:s1]
 
 
 def window_attention_rows(q, k, v, row0, window_size, normalization='softmax', prev_logits=None,
