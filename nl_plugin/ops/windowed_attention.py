@@ -435,7 +435,9 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
     # holds the attention weights in halo layout: the in-window entries of a block are the same
     # strided view for every block, so the others are zeroed once here and never written.
     s_buf = q.new_empty(n_max, bb, rr)
-    strips = q.new_zeros(g_max, hq + 2 * py, rw, d + c)     # keys and values of a group, see ``_fill_strips``
+    strips = q.new_empty(g_max, hq + 2 * py, rw, d + c)     # keys and values of a group, see ``_fill_strips``
+    strips[:, :py].zero_()
+    strips[:, py + h:].zero_()
     a_buf = q.new_zeros(n_max, bb, rr)
     lg_buf = q.new_empty(n_max, b, b, kh, kw) if not return_logits and prev_logits is None else None
     for bi in range(bsz):
@@ -515,7 +517,7 @@ def _fill_strips(strips, k, v, lo, g, b, rw, py):
     """Copy the key/value columns that ``g`` block columns reach into ``strips`` (G, hq+2py, rw, D+C).
 
     Strip j holds columns lo + j*b .. lo + j*b + rw of [k, v] (H, W, D+C) in its rows py .. py+H;
-    the rows outside stay zero from allocation and out-of-image columns are zeroed here, so one
+    the rows outside are zeroed once by the caller and out-of-image columns here, so one
     buffer serves every group without clearing it.
     """
     h, wk, d = k.shape
