@@ -113,14 +113,13 @@ def window_mask(h, w, window_size, border='exclude', device=None):
     if not window_size:
         return torch.ones(n, n, dtype=torch.bool, device=device)
     r = window_size // 2
-    ys = torch.arange(h, device=device).repeat_interleave(w)
-    xs = torch.arange(w, device=device).repeat(h)
-    dy = (ys[:, None] - ys[None, :]).abs()
-    dx = (xs[:, None] - xs[None, :]).abs()
-    if border == 'circular':
-        dy = torch.minimum(dy, h - dy)
-        dx = torch.minimum(dx, w - dx)
-    return (dy <= r) & (dx <= r)
+
+    def near(n):   # (n, n): positions i, j within r of each other (wrap-around if circular)
+        i = torch.arange(n, device=device)
+        d = (i[:, None] - i[None, :]).abs()
+        return (torch.minimum(d, n - d) if border == 'circular' else d) <= r
+    # Row and column conditions combined as an outer AND: no (N, N) integer temporaries.
+    return (near(h)[:, None, :, None] & near(w)[None, :, None, :]).reshape(n, n)
 
 
 def dense_attention_reference(q, k, v, window_size=None, border='exclude', normalization='softmax',
