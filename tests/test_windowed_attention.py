@@ -55,6 +55,21 @@ def test_inference_groups_reuse_buffers(border, norm, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(out2, ref2, rtol=0, atol=1e-12)
 
+
+@pytest.mark.parametrize('spread', [0.1, 30.0])
+def test_fp32_inference_with_widely_spread_logits(spread):
+    """fp32 inference raises logits more than 30 below their row's maximum before the softmax (torch's
+    fast exp path): same result as the float64 dense reference to fp32 precision, borders included."""
+    q, k, v = _qkv(1, 19, 23, d=8)
+    q = q * spread
+    ref, ref_logits = dense_attention_reference(q, k, v, 7)
+    ref2, _ = dense_attention_reference(q, k, v, 7, prev_logits=ref_logits)
+    with torch.no_grad():
+        out, logits = window_attention(q.float(), k.float(), v.float(), 7, return_logits=True, logits_layout='blocks')
+        out2 = window_attention(q.float(), k.float(), v.float(), 7, prev_logits=logits, logits_layout='blocks')
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out2.double(), ref2, rtol=0, atol=2e-5)
+
 def test_window_border_excludes_outside_neighbours():
     # A constant-logit query at the corner averages exactly the in-image part of its window.
     q = torch.zeros(1, 6, 6, 2, dtype=torch.float64)

@@ -381,6 +381,19 @@ def window_attention(q, k, v, window_size, border='exclude', normalization='soft
 
 _FAST_BLOCK = 8
 _GROUP_BYTES = 3 * 2**20     # halo logits of one group of query blocks stay cache-resident
+# fp32 softmax of logits spread over a wide range is slow on the CPU: torch's vectorised exp leaves
+# its fast path for arguments below about -87 (10x slower), and weights near 1e-38 make the value
+# matmul meet denormals. Logits further than this below their row's maximum are raised to it
+# first (so are the -inf of out-of-image keys): each such weight becomes e^-30 (~1e-13) of the
+# largest, changing a normaliser >= 1 by at most P * 1e-13, under fp32 resolution. float64 keeps
+# the plain softmax.
+_LOGIT_RANGE = 30.0
+
+
+def _range_limited_softmax(x, buf):
+    """Softmax over the last dim of logits ``x`` (N, P) (-inf allowed), via ``buf`` (N, P); see _LOGIT_RANGE."""
+    floor = x.amax(-1, keepdim=True).sub_(_LOGIT_RANGE)
+    return torch.softmax(torch.maximum(x, floor, out=buf), dim=-1)
 
 
 @torch.no_grad()
@@ -439,6 +452,7 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
     strips[:, py + h:].zero_()
     a_buf = q.new_zeros(n_max, bb, rr)
     lg_buf = q.new_empty(n_max, b, b, kh, kw) if not return_logits and prev_logits is None else None
+    sm_buf = q.new_empty(n_max, bb, p) if normalization == 'softmax' and q.element_size() <= 4 else None
     for bi in range(bsz):
         qp = F.pad(q[bi], (0, 0, 0, wq - w, 0, hq - h))
         for gx0 in range(0, nbx, g_max):
@@ -491,7 +505,9 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
                     lg = lg + bias_y.view(m, b, 1, kh, 1) + bias_x.view(g, 1, b, 1, kw)
                 lg = lg.view(n, bb, p)
                 if normalization == 'softmax':
-                    wts = torch.softmax(lg, dim=-1)
+                    # Range-limited (fp32): an out-of-image key gets weight <= e^-30 instead of 0, but its
+                    # value in the strips is 0, so only the normaliser moves, by under fp32 resolution.
+                    wts = _range_limited_softmax(lg, sm_buf[:n]) if sm_buf is not None else torch.softmax(lg, dim=-1)
                 elif interior:
                     wts = lg / p
                 else:
