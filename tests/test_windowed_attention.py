@@ -213,9 +213,11 @@ def test_window_rows_rejects_bad_calls():
         window_attention_rows(q[:, :4], k, v, 0, 4)
 
 
-def test_small_image_training_uses_fused_masked_attention(monkeypatch):
-    """With autograd on a small image, the window step is one fused masked attention (embeddings
-    carried between steps) and equals the dense reference in value and gradient."""
+@pytest.mark.parametrize('window_size', [7, None])
+def test_small_image_training_carries_dense_logits(window_size, monkeypatch):
+    """With autograd on a small image, propagated steps carry dense (B, N, N) logits (no fused
+    kernel, whose embeddings would grow every step) and equal the dense reference in value and
+    gradient; without propagation each window step is one fused masked attention."""
     import torch.nn.functional as F
 
     from nl_plugin.ops import windowed_attention as wa
@@ -225,17 +227,28 @@ def test_small_image_training_uses_fused_masked_attention(monkeypatch):
     steps = [_qkv(2, 9, 11, grad=True) for _ in range(3)]
     state, logits, outs, refs = None, None, [], []
     for q, k, v in steps:
-        out, state = propagated_attention(q, k, v, state, window_size=7)
-        ref, logits = dense_attention_reference(q, k, v, 7, prev_logits=logits)
+        out, state = propagated_attention(q, k, v, state, window_size=window_size)
+        ref, logits = dense_attention_reference(q, k, v, window_size, prev_logits=logits)
         outs.append(out)
         refs.append(ref)
-    assert len(calls) == 3 and all(c['attn_mask'] is not None for c in calls) and state.logits is None
+        assert state.q is None and state.logits.shape == (2, 99, 99)
+    assert not calls
     torch.testing.assert_close(torch.stack(outs), torch.stack(refs), rtol=0, atol=1e-12)
     leaves = [t for s in steps for t in s]
     g_fast = torch.autograd.grad(torch.stack(outs).square().sum(), leaves)
     g_ref = torch.autograd.grad(torch.stack(refs).square().sum(), leaves)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    if window_size:
+        q, k, v = steps[0]
+        out, state = propagated_attention(q, k, v, None, window_size=window_size, propagate=False)
+        ref = dense_attention_reference(q, k, v, window_size)[0]
+        assert len(calls) == 1 and calls[0]['attn_mask'] is not None and state is None
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        g_fast = torch.autograd.grad(out.square().sum(), (q, k, v))
+        g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        for a, b in zip(g_fast, g_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     # Larger images and inference keep the blocked algorithm.
     big = [t.detach().requires_grad_() for t in _qkv(1, 70, 70, d=2, c=2)]
     assert not wa._use_masked_sdpa(*big, 'softmax')

@@ -46,7 +46,8 @@ class CorrelationState(NamedTuple):
     Exactly one representation is set:
 
     * ``q``, ``k``: concatenated embeddings of all steps so far, (B, H, W, D*t) each.
-    * ``logits``: accumulated window logits in a layout of ``window_attention``: (B, H, W, P)
+    * ``logits``: accumulated logits: dense (B, N, N), N = H*W, for small images while autograd
+      records (any scope), else window logits in a layout of ``window_attention``: (B, H, W, P)
       when autograd records, the block layout (B, nby, nbx, b*b, P) in inference.
     """
     q: Optional[torch.Tensor] = None
@@ -203,6 +204,36 @@ def _masked_window_sdpa(q, k, v, window_size, border):
     mask = window_mask(h, w, window_size, border, device=q.device)
     out = _sdpa(q.reshape(b, 1, h * w, d), k.reshape(b, 1, h * w, d), v.reshape(b, 1, h * w, -1), mask)
     return out.reshape(b, h, w, -1)
+
+
+# With autograd on, a propagated step keeps dense (B, N, N) logits while they take at most this
+# many bytes: carrying the concatenated embeddings instead grows the logit matmul by D every step
+# (12 steps: 6.5x its flops, and the fused kernel pads v to the embedding size).
+_DENSE_LOGIT_BYTES = 256 * 2**20
+
+
+def _dense_step(q, k, v, prev_logits, window_size, border, normalization):
+    """One propagated step on dense logits ``prev + q k^T`` (NLRN eq. 5-6), differentiable.
+
+    Args:
+        q, k (Tensor): (B, H, W, D). v (Tensor): (B, H, W, C).
+        prev_logits (Tensor | None): (B, N, N) logits of the previous steps.
+        window_size (int): 0 for the whole image, else the odd window side (mask, see ``window_mask``).
+
+    Returns:
+        tuple[Tensor, Tensor]: out (B, H, W, C) and the logits (B, N, N).
+    """
+    b, h, w, d = q.shape
+    qf, kf, vf = q.reshape(b, h * w, d), k.reshape(b, h * w, d), v.reshape(b, h * w, -1)
+    logits = torch.bmm(qf, kf.transpose(1, 2)) if prev_logits is None else \
+        torch.baddbmm(prev_logits, qf, kf.transpose(1, 2))
+    mask = window_mask(h, w, window_size, border, device=q.device) if window_size else None
+    if normalization == 'softmax':
+        attn = torch.softmax(logits if mask is None else logits.masked_fill(~mask, float('-inf')), dim=-1)
+    else:
+        attn = (logits if mask is None else logits.masked_fill(~mask, 0)) / \
+            (h * w if mask is None else mask.sum(-1, keepdim=True))
+    return torch.bmm(attn, vf).reshape(b, h, w, -1), logits
 
 
 def _use_masked_sdpa(q, k, v, normalization, prev_logits=None, return_logits=False):
@@ -641,19 +672,30 @@ def propagated_attention(q, k, v, state=None, window_size=None, border='exclude'
         border (str): 'exclude' or 'circular' (window scope only).
         normalization (str): 'softmax' or 'count'.
         propagate (bool): Carry the correlation to the next step. If False, returns state None.
-        store_logits (bool, optional): Window scope: carry logits (True) or concatenated
-            embeddings (False). Default: decided at run time from size and free memory.
+        store_logits (bool, optional): Window scope: carry window logits (True) or concatenated
+            embeddings (False). Default: decided at run time: while autograd records and the dense
+            (B, N, N) logits take at most 256 MB (NLRN's 43x43 training patches), dense logits in
+            either scope; otherwise window logits while they fit in memory.
 
     Returns:
         tuple[Tensor, CorrelationState | None]: out (B, H, W, C) and the new state.
     """
     window_size = check_window_args(window_size, border, normalization)
+    dense = state is not None and state.logits is not None and state.logits.dim() == 3
+    if (state is None and propagate and store_logits is None and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (q, k, v))):
+        b, n = q.shape[0], q.shape[1] * q.shape[2]
+        dense = b * n * n * q.element_size() <= _DENSE_LOGIT_BYTES
+    if dense:
+        out, logits = _dense_step(q, k, v, None if state is None else state.logits, window_size, border,
+                                  normalization)
+        return out, (CorrelationState(logits=logits) if propagate else None)
     if state is not None and state.q is not None:
         q = torch.cat([state.q, q], dim=-1)
         k = torch.cat([state.k, k], dim=-1)
     if not window_size:
         if state is not None and state.logits is not None:
-            raise ValueError('global attention carries embeddings, not logits')
+            raise ValueError('global attention carries embeddings or dense logits, not window logits')
         out = global_attention(q, k, v, normalization)
         return out, (CorrelationState(q=q, k=k) if propagate else None)
     if not store_logits and (state is None or state.logits is None) and _use_masked_sdpa(q, k, v, normalization):
