@@ -183,6 +183,23 @@ def test_streamed_carried_logits_stay_bounded(monkeypatch):
     assert rec['max_live'] <= 2 * (net.num_steps - 1) + 1 < bands
 
 
+
+def test_stream_frees_its_buffers_without_garbage_collection():
+    """The streamed forward's stages reference each other through closures; it must break those
+    cycles itself, or every image's row buffers stay alive until a full collection."""
+    import gc
+
+    from nl_plugin.archs import nlrn_arch
+    net = _tiny(nl_scope='window', window_size=5)
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            net(torch.rand(1, 1, 40, 12, dtype=torch.float64))
+        assert not [o for o in gc.get_objects() if type(o) is nlrn_arch._Stage]
+    finally:
+        gc.enable()
+
 def test_stream_only_where_it_applies(monkeypatch):
     rec = _count_band_calls(monkeypatch)
     x = torch.rand(1, 1, 30, 9, dtype=torch.float64)

@@ -237,8 +237,15 @@ class NLRN(nn.Module):
             for src_j, _ in st.inputs:     # rows no reader needs any more
                 stages[src_j].drop_before(min(r.front - need for r, need in readers[src_j]))
 
-        for e in range(_BAND, h + _BAND, _BAND):
-            ensure(len(stages) - 1, e)
+        try:
+            for e in range(_BAND, h + _BAND, _BAND):
+                ensure(len(stages) - 1, e)
+        finally:
+            # The stage closures and ``ensure`` form reference cycles: drop the row buffers now
+            # rather than at the next full garbage collection (else memory grows image after image).
+            stages.clear()
+            readers.clear()
+            logits.clear()
         return out.transpose(2, 3).contiguous() if transpose else out
 
 
