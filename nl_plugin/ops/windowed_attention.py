@@ -533,7 +533,9 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
                     ok_x = ((kx >= 0) & (kx < wk)) | (qx >= w)[:, None]
                     bias_y = torch.zeros(m * b, kh, dtype=lg.dtype, device=dev).masked_fill_(~ok_y, float('-inf'))
                     bias_x = torch.zeros(g * b, kw, dtype=lg.dtype, device=dev).masked_fill_(~ok_x, float('-inf'))
-                    lg = lg + bias_y.view(m, b, 1, kh, 1) + bias_x.view(g, 1, b, 1, kw)
+                    # Into the softmax buffer when there is one (the carried logits stay as they are).
+                    tgt = None if sm_buf is None else sm_buf[:n].view(n, b, b, kh, kw)
+                    lg = torch.add(lg, bias_y.view(m, b, 1, kh, 1), out=tgt).add_(bias_x.view(g, 1, b, 1, kw))
                 lg = lg.view(n, bb, p)
                 if normalization == 'softmax':
                     # Range-limited (fp32): an out-of-image key gets weight <= e^-30 instead of 0, but its
