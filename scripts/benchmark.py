@@ -10,8 +10,8 @@ about 0.75 GB of Python, torch, BasicSR and nl_plugin imports); '+GB' is what th
 themselves need: after the warm-up, freed heap memory is handed back (``malloc_trim``) and the
 kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), so it is the peak RSS of the runs
 minus the RSS they started from (model and inputs included there, one-time library set-up not).
-GPU memory is ``torch.cuda.max_memory_allocated`` over the timed runs. The fp32 matmul rate of the machine is measured in the same run,
-so GFLOP/s figures can be read against it.
+GPU memory is ``torch.cuda.max_memory_allocated`` over the timed runs. The fp32 matmul rate of the
+machine is measured in the same run, so GFLOP/s figures can be read against it.
 """
 import argparse
 import json
@@ -173,7 +173,7 @@ def _reset_rss_peak():
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
         return True
-    except OSError:
+    except (OSError, AttributeError):     # not Linux / not glibc
         return False
 
 
@@ -232,6 +232,8 @@ def ratios(results):
         if a in by and b in by and by[b].get(key):
             out.append((label, by[a][key] / by[b][key]))
     add('NLRN tiled protocol / window scope, time (481x321)', 'nlrn_tiled_481x321', 'nlrn_window_481x321')
+    add('window attention op: widely spread / narrow logits, time', 'op_window_fwd_spread_481x321',
+        'op_window_fwd_481x321')
     add('NLRN window 1024x768 / 481x321, time (pixels x5.07)', 'nlrn_window_1024x768', 'nlrn_window_481x321')
     add('N3Net 1024x768 / 481x321, time (pixels x5.07)', 'n3net_1024x768', 'n3net_481x321')
     add('N3Net 1024x768 / 481x321, peak memory', 'n3net_1024x768', 'n3net_481x321', 'peak_mem_gb')

@@ -16,12 +16,16 @@ def _qkv(b, h, w, d, c, device, grad=False):
     return q, k, v
 
 
-def window_fwd(impl):
-    """Windowed attention (q = 45, 64-d embeddings, 128-d values), one step, no grad, 481x321."""
+def window_fwd(impl, spread=False):
+    """Windowed attention (q = 45, 64-d embeddings, 128-d values), one step, no grad, 481x321; with
+    ``spread`` the logits have a standard deviation of about 32 (peaked attention, as trained)
+    instead of 0.08."""
     def build(device, quick):
         from nl_plugin.ops import windowed_attention as wa
         h, w = (321, 481) if not quick else (80, 120)
         q, k, v = _qkv(1, h, w, 64, 128, device)
+        if spread:
+            q, k = q * 20, k * 20
         torch.set_grad_enabled(False)
         fn = (lambda: wa.window_attention(q, k, v, 45)) if impl == 'fast' else \
             (lambda: wa.dense_attention_reference(q, k, v, 45)[0])
@@ -70,6 +74,8 @@ def n3block(impl):
 
 OP_CASES = {
     'op_window_fwd_481x321': ('windowed attention op (fast), one step, 481x321', window_fwd('fast')),
+    'op_window_fwd_spread_481x321': ('windowed attention op (fast), one step, 481x321, widely spread logits',
+                                     window_fwd('fast', spread=True)),
     'op_train_fast_fwdbwd': ('patch-scope attention (fast: SDPA), batch 16 of 43x43, fwd+bwd', train_size('fast')),
     'op_train_dense_fwdbwd': ('patch-scope attention, dense reference, batch 16 of 43x43, fwd+bwd',
                               train_size('dense')),

@@ -115,10 +115,10 @@ def window_mask(h, w, window_size, border='exclude', device=None):
         return torch.ones(n, n, dtype=torch.bool, device=device)
     r = window_size // 2
 
-    def near(n):   # (n, n): positions i, j within r of each other (wrap-around if circular)
-        i = torch.arange(n, device=device)
+    def near(size):   # (size, size): positions within r of each other (wrap-around if circular)
+        i = torch.arange(size, device=device)
         d = (i[:, None] - i[None, :]).abs()
-        return (torch.minimum(d, n - d) if border == 'circular' else d) <= r
+        return (torch.minimum(d, size - d) if border == 'circular' else d) <= r
     # Row and column conditions combined as an outer AND: no (N, N) integer temporaries.
     return (near(h)[:, None, :, None] & near(w)[None, :, None, :]).reshape(n, n)
 
@@ -459,7 +459,7 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
     # see ``window_attention_rows``) m block rows, so that their halo logits stay cache-resident.
     n_max = max(1, _GROUP_BYTES // (bb * rr * q.element_size()))
     g_max = min(nbx, n_max)
-    image_logits = prev_logits is not None and not blocks or return_logits and not blocks
+    image_logits = not blocks and (prev_logits is not None or return_logits)
     m_max = min(nby, n_max) if g_max == 1 and not image_logits else 1
     n_max = max(g_max, m_max)
     out = q.new_empty(bsz, h, w, c)
@@ -474,7 +474,7 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
             q.new_empty((bsz, nby, nbx, bb, p) if blocks else (bsz, h, w, p))
     offy = torch.arange(kh, device=dev) - py
     offx = torch.arange(kw, device=dev) - px
-    # Buffers reused by every block (no allocation, hence no page faults, in the loop). ``a_buf``
+    # Buffers reused by every batch of blocks (fewer allocations and page faults). ``a_buf``
     # holds the attention weights in halo layout: the in-window entries of a block are the same
     # strided view for every block, so the others are zeroed once here and never written.
     s_buf = q.new_empty(n_max, bb, rr)
