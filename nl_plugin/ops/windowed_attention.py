@@ -482,7 +482,8 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
     strips[:, :py].zero_()
     strips[:, py + h:].zero_()
     a_buf = q.new_zeros(n_max, bb, rr)
-    lg_buf = q.new_empty(n_max, b, b, kh, kw) if not return_logits and prev_logits is None else None
+    # Fresh logits of a batch when they are not written straight into block-layout carried logits.
+    lg_buf = q.new_empty(n_max, b, b, kh, kw) if prev_logits is None and not (blocks and return_logits) else None
     sm_buf = q.new_empty(n_max, bb, p) if normalization == 'softmax' and q.element_size() <= 4 else None
     for bi in range(bsz):
         qp = F.pad(q[bi], (0, 0, 0, wq - w, 0, hq - h))
@@ -516,10 +517,8 @@ def _window_attention_nograd(q, k, v, r, py, px, border, normalization, prev_log
                     if yn < b or xn < g * b:
                         prev = F.pad(prev, (0, 0, 0, g * b - xn, 0, b - yn))
                     lg = cview + prev.reshape(b, g, b, kh, kw).transpose(0, 1)
-                elif lg_buf is not None:
-                    lg = lg_buf[:n].copy_(cview)
                 else:
-                    lg = cview.contiguous()
+                    lg = lg_buf[:n].copy_(cview)
                 if return_logits and not blocks:
                     logits[bi, y0:y0 + yn, x0:x0 + xn] = lg.transpose(0, 1).reshape(b, g * b, p)[:yn, :xn]
                 interior = circ or (y0 - py >= 0 and y0 + m * b + py <= h and lo >= 0 and hi <= wk)
