@@ -67,8 +67,10 @@ def test_fp32_inference_with_widely_spread_logits(spread):
     with torch.no_grad():
         out, logits = window_attention(q.float(), k.float(), v.float(), 7, return_logits=True, logits_layout='blocks')
         out2 = window_attention(q.float(), k.float(), v.float(), 7, prev_logits=logits, logits_layout='blocks')
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
-    torch.testing.assert_close(out2.double(), ref2, rtol=0, atol=2e-5)
+    # fp32 rounding of logits of magnitude ~100 alone gives errors up to ~4e-5 here; a floor only
+    # 10 below the maximum would err by ~1e-2.
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-4)
+    torch.testing.assert_close(out2.double(), ref2, rtol=0, atol=2e-4)
 
 def test_window_border_excludes_outside_neighbours():
     # A constant-logit query at the corner averages exactly the in-image part of its window.
