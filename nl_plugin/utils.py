@@ -17,3 +17,34 @@ def import_submodules(package, package_file, suffix):
     folder = os.path.dirname(os.path.abspath(package_file))
     names = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(f'{suffix}.py'))
     return [importlib.import_module(f'{package}.{n}') for n in names]
+
+
+def renamed_options(**renames):
+    """Class decorator: constructor keywords that were given a new public name raise a one-line error.
+
+    The project keeps one word for one idea across its options; an old spelling is refused with the new
+    name instead of being silently accepted or failing as an unknown keyword.
+
+    Args:
+        **renames: ``old_name='new_name'`` pairs.
+
+    Example:
+        >>> @renamed_options(window_size='search_size')
+        ... class Block(nn.Module): ...
+        >>> Block(window_size=15)  # TypeError: Block: option 'window_size' is now called 'search_size'
+    """
+    def wrap(cls):
+        init = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    raise TypeError(f"{cls.__name__}: option '{old}' is now called '{new}'")
+            init(self, *args, **kwargs)
+
+        __init__.__wrapped__ = init  # inspect.signature (compat fix 6 lists valid keys) sees the real one
+        __init__.__doc__ = init.__doc__
+        cls.__init__ = __init__
+        cls.renamed_options = dict(getattr(cls, 'renamed_options', {}), **renames)
+        return cls
+    return wrap
