@@ -3,83 +3,12 @@
 
     python scripts/convert_n3net_official.py --checkpoint 051_ckpt.t7 --output net_g.pth
 
-The official file is a legacy ``torch.save`` of ``{'net': OrderedDict, 'epoch': 51}``; it is read
-with ``torch.load(map_location='cpu', weights_only=True)``. The output is ``{'params': state_dict}``
-(BasicSR's ``path.pretrain_network_g`` format, ``param_key_g: params``) that loads strictly.
-
-Key mapping (official -> nl_plugin):
-
-* ``blocks.{i}.conv1`` -> ``stages.{i}.conv_first``, ``blocks.{i}.layer1.{n}`` -> ``stages.{i}.body.{n}``,
-  ``blocks.{i}.conv2`` -> ``stages.{i}.conv_last``; ``blocks.{i}.bn1.*`` (never applied) is dropped;
-* ``nls.{j}.embedcnn.{n}`` -> ``n3_blocks.{j}.embed.{n}``, ``nls.{j}.tempcnn.{n}`` -> ``n3_blocks.{j}.temp.{n}``,
-  ``nls.{j}.n3aggregation.aggregation.nnn.bn`` -> ``n3_blocks.{j}.dist_bn``;
-* BatchNorm ``num_batches_tracked`` (absent in the official file) is added as 0.
-
-The weights themselves are not part of this project and may not be redistributed.
+The output ``{'params': state_dict}`` is BasicSR's ``path.pretrain_network_g`` format and loads strictly.
+The key mapping is documented in :mod:`nl_plugin.convert.n3net_official`.
 """
 import argparse
-import os
-import re
-import sys
-from collections import OrderedDict
 
-import torch
-
-_RULES = [
-    (re.compile(r'^blocks\.(\d+)\.conv1\.(weight|bias)$'), r'stages.\1.conv_first.\2'),
-    (re.compile(r'^blocks\.(\d+)\.layer1\.(\d+)\.(\w+)$'), r'stages.\1.body.\2.\3'),
-    (re.compile(r'^blocks\.(\d+)\.conv2\.(weight|bias)$'), r'stages.\1.conv_last.\2'),
-    (re.compile(r'^nls\.(\d+)\.embedcnn\.(\d+)\.(\w+)$'), r'n3_blocks.\1.embed.\2.\3'),
-    (re.compile(r'^nls\.(\d+)\.tempcnn\.(\d+)\.(\w+)$'), r'n3_blocks.\1.temp.\2.\3'),
-    (re.compile(r'^nls\.(\d+)\.n3aggregation\.aggregation\.nnn\.bn\.(\w+)$'), r'n3_blocks.\1.dist_bn.\2'),
-]
-_DEAD = re.compile(r'^blocks\.\d+\.bn1\.\w+$')  # defined but never used by the official forward
-
-
-def load_official_checkpoint(path):
-    """The official ``OrderedDict`` of tensors from ``051_ckpt.t7`` (or a bare state dict file)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'official N3Net checkpoint not found: {path}')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    state = ckpt.get('net', ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise KeyError(f"{path}: expected {{'net': OrderedDict of tensors, 'epoch': int}} (official N3Net layout)")
-    return state
-
-
-def convert_state_dict(official):
-    """Map an official N3Net state dict to ``N3Net()``'s keys (see the module docstring).
-
-    Raises:
-        KeyError: On a key that belongs to neither layout (names the key).
-    """
-    out = OrderedDict()
-    for key, val in official.items():
-        key = key[len('module.'):] if key.startswith('module.') else key
-        if _DEAD.match(key):
-            continue
-        for pattern, repl in _RULES:
-            if pattern.match(key):
-                out[pattern.sub(repl, key)] = val.clone()
-                break
-        else:
-            raise KeyError(f'unexpected key in the official N3Net checkpoint: {key!r}')
-    for key in list(out):  # BatchNorm modules: add the counter PyTorch now stores
-        if key.endswith('.running_mean'):
-            prefix = key[:-len('running_mean')]
-            out.setdefault(prefix + 'num_batches_tracked', torch.tensor(0, dtype=torch.long))
-    return out
-
-
-def convert_file(checkpoint, output, verify=True):
-    """Read ``checkpoint``, convert, optionally load strictly into ``N3Net()``, save ``{'params': ...}``."""
-    params = convert_state_dict(load_official_checkpoint(checkpoint))
-    if verify:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from nl_plugin.archs.n3net_arch import N3Net
-        N3Net().load_state_dict(params, strict=True)
-    torch.save({'params': params}, output)
-    return params
+from nl_plugin.convert.n3net_official import convert_file
 
 
 def main(argv=None):

@@ -1,5 +1,4 @@
 """Official N3Net checkpoint conversion: a synthetic checkpoint in the official layout round-trips."""
-import importlib.util
 import math
 import os
 import subprocess
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nl_plugin.archs.n3net_arch import N3Net
+from nl_plugin.convert import n3net_official
 from nl_plugin.ops import n3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,13 +17,6 @@ SCRIPT = os.path.join(ROOT, 'scripts', 'convert_n3net_official.py')
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location('convert_n3net_official', SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def official_state_dict(seed=0):
@@ -122,9 +115,8 @@ def test_layout_has_140_tensors(official_file):
 
 def test_convert_function_strict_load_and_outputs(official_file, tmp_path):
     path, sd = official_file
-    mod = _script()
     out = tmp_path / 'net_g.pth'
-    mod.convert_file(str(path), str(out))
+    n3net_official.convert_file(str(path), str(out))
     params = torch.load(str(out), map_location='cpu', weights_only=True)['params']
     net = N3Net()
     net.load_state_dict(params, strict=True)
@@ -145,13 +137,12 @@ def test_convert_cli(official_file, tmp_path):
     params = torch.load(str(out), map_location='cpu', weights_only=True)['params']
     net = N3Net()
     net.load_state_dict(params, strict=True)
-    ref = _script().convert_state_dict(sd)
+    ref = n3net_official.convert_state_dict(sd)
     assert params.keys() == ref.keys() and all(torch.equal(params[k], ref[k]) for k in ref)
 
 
 def test_convert_rejects_unknown_keys_and_files(tmp_path):
-    mod = _script()
     with pytest.raises(KeyError, match='blocks.0.extra.weight'):
-        mod.convert_state_dict({'blocks.0.extra.weight': torch.zeros(1)})
+        n3net_official.convert_state_dict({'blocks.0.extra.weight': torch.zeros(1)})
     with pytest.raises(FileNotFoundError, match='missing.t7'):
-        mod.load_official_checkpoint(str(tmp_path / 'missing.t7'))
+        n3net_official.load_official_checkpoint(str(tmp_path / 'missing.t7'))
