@@ -1,7 +1,7 @@
-"""scripts/create_lmdb.py and scripts/prepare_demo_data.py: BasicSR LMDB round trip, refusal to overwrite,
-and the datasets reading the same pixels from a folder and from an LMDB."""
-import importlib.util
+"""scripts/create_lmdb.py and scripts/prepare_demo_data.py, run as commands: BasicSR LMDB round trip, refusal to
+overwrite, errors naming the file, and the datasets reading the same pixels from a folder and from an LMDB."""
 import os
+import re
 import subprocess
 import sys
 
@@ -19,18 +19,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, 'scripts')
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f'{name}.py'))
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, SCRIPTS)
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(SCRIPTS)
-    return mod
+def _run_script(name, *args):
+    """Run ``scripts/<name>.py`` with ``args`` in a fresh interpreter; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(SCRIPTS, f'{name}.py'), *map(str, args)],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
 
 
-create_lmdb = _load_script('create_lmdb').create_lmdb
+def create_lmdb(folder, out, *flags):
+    """``create_lmdb.py FOLDER OUT [flags]``, which must succeed."""
+    res = _run_script('create_lmdb', folder, out, *flags)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def create_lmdb_error(folder, out, *flags):
+    """``create_lmdb.py FOLDER OUT [flags]``, which must fail; returns its last stderr line (the error)."""
+    res = _run_script('create_lmdb', folder, out, *flags)
+    assert res.returncode != 0, res.stdout
+    return res.stderr.strip().splitlines()[-1]
+
+
+def lmdb_keys(path):
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    with env.begin() as txn:
+        keys = [k.decode() for k, _ in txn.cursor()]
+    env.close()
+    return keys
 
 
 @pytest.fixture
@@ -54,8 +68,9 @@ def mixed(tmp_path):
 
 def test_lmdb_round_trip_mixed_sizes(mixed, tmp_path):
     out = str(tmp_path / 'imgs.lmdb')
-    keys = create_lmdb(str(mixed), out, compress_level=3, progress=False)
-    assert keys == ['alpha', 'big', 'gray', 'photo', 'small']
+    res = create_lmdb(mixed, out, '--compress-level', '3')
+    assert 'Wrote 5 images' in res.stdout
+    assert lmdb_keys(out) == ['alpha', 'big', 'gray', 'photo', 'small']
     meta = open(os.path.join(out, 'meta_info.txt')).read().splitlines()
     assert meta == ['alpha.png (16,12,3) 3', 'big.png (64,80,3) 3', 'gray.png (20,33,1) 3',
                     'photo.png (40,50,3) 3', 'small.png (9,7,3) 3']
@@ -71,7 +86,7 @@ def test_lmdb_round_trip_mixed_sizes(mixed, tmp_path):
 
 def test_datasets_read_identical_pixels_from_lmdb(mixed, tmp_path):
     out = str(tmp_path / 'imgs.lmdb')
-    create_lmdb(str(mixed), out, progress=False)
+    create_lmdb(mixed, out)
     base = dict(phase='val', color='rgb', sigma=15)
     disk = SyntheticNoiseDataset(dict(base, dataroot_gt=str(mixed), io_backend=dict(type='disk')))
     db = SyntheticNoiseDataset(dict(base, dataroot_gt=out, io_backend=dict(type='lmdb')))
@@ -99,7 +114,7 @@ def test_datasets_read_identical_pixels_from_lmdb(mixed, tmp_path):
 
 def test_lmdb_meta_info_file_and_missing_key(mixed, tmp_path):
     out = str(tmp_path / 'imgs.lmdb')
-    create_lmdb(str(mixed), out, progress=False)
+    create_lmdb(mixed, out)
     meta = tmp_path / 'sub.txt'
     meta.write_text('big.png (64,80,3) 1\nghost.png (8,8,3) 1\n')
     ds = SyntheticNoiseDataset(dict(phase='val', dataroot_gt=out, io_backend=dict(type='lmdb'),
@@ -113,19 +128,14 @@ def test_lmdb_meta_info_file_and_missing_key(mixed, tmp_path):
 
 def test_refuses_to_overwrite_and_gray_option(mixed, tmp_path):
     out = str(tmp_path / 'g.lmdb')
-    create_lmdb(str(mixed), out, gray=True, progress=False)
+    create_lmdb(mixed, out, '--gray')
     meta = open(os.path.join(out, 'meta_info.txt')).read()
     assert '(64,80,1)' in meta and '(3)' not in meta and ',3)' not in meta
     before = open(os.path.join(out, 'data.mdb'), 'rb').read()
-    with pytest.raises(FileExistsError, match='already exists'):
-        create_lmdb(str(mixed), out, progress=False)
-    # the command line says so and exits non-zero, leaving the LMDB untouched
-    res = subprocess.run([sys.executable, os.path.join(SCRIPTS, 'create_lmdb.py'), str(mixed), out],
-                         capture_output=True, text=True)
-    assert res.returncode != 0 and 'already exists' in res.stderr
-    assert open(os.path.join(out, 'data.mdb'), 'rb').read() == before
-    with pytest.raises(ValueError, match=r"must end with '\.lmdb'"):
-        create_lmdb(str(mixed), str(tmp_path / 'x.db'), progress=False)
+    assert 'already exists' in create_lmdb_error(mixed, out)
+    assert open(os.path.join(out, 'data.mdb'), 'rb').read() == before  # left untouched
+    assert re.search(r"must end with '\.lmdb'", create_lmdb_error(mixed, tmp_path / 'x.db'))
+    assert not os.path.exists(tmp_path / 'x.db')
 
 
 def test_bad_inputs_are_named(tmp_path):
@@ -133,23 +143,26 @@ def test_bad_inputs_are_named(tmp_path):
     bad.mkdir()
     (bad / 'ok.png').write_bytes(cv2.imencode('.png', np.zeros((4, 4), np.uint8))[1].tobytes())
     (bad / 'broken.png').write_bytes(b'garbage bytes')
-    with pytest.raises(ValueError, match=r'broken\.png'):
-        create_lmdb(str(bad), str(tmp_path / 'b.lmdb'), progress=False)
+    assert re.search(r'broken\.png', create_lmdb_error(bad, tmp_path / 'b.lmdb'))
     assert not os.path.exists(tmp_path / 'b.lmdb')  # nothing half-written
     dotted = tmp_path / 'dotted'
     dotted.mkdir()
     (dotted / 'img.v2.png').write_bytes((bad / 'ok.png').read_bytes())
-    with pytest.raises(ValueError, match=r"img\.v2\.png.*'\.'"):
-        create_lmdb(str(dotted), str(tmp_path / 'd.lmdb'), progress=False)
+    assert re.search(r"img\.v2\.png.*'\.'", create_lmdb_error(dotted, tmp_path / 'd.lmdb'))
+    assert not os.path.exists(tmp_path / 'd.lmdb')
 
 
 def test_prepare_demo_data_is_offline_and_idempotent(tmp_path):
-    prepare = _load_script('prepare_demo_data')
     out = tmp_path / 'demo'
-    paths = prepare.prepare_demo_data(str(out), progress=False)
+    res = _run_script('prepare_demo_data', '--out', out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    paths = dict(line.strip().split(': ', 1) for line in res.stdout.splitlines() if ': ' in line)
+    assert paths == {'train': str(out / 'train'), 'val': str(out / 'val'), 'train_lmdb': str(out / 'train.lmdb'),
+                     'val_lmdb': str(out / 'val.lmdb')}
     train = sorted(os.listdir(paths['train']))
     val = sorted(os.listdir(paths['val']))
-    assert len(train) == len(prepare.TRAIN) and val == ['astronaut.png', 'camera.png', 'coins.png']
+    assert val == ['astronaut.png', 'camera.png', 'coins.png']
+    assert len(train) >= 10 and not set(train) & set(val)
     for name in val:
         img = cv2.imread(os.path.join(paths['val'], name), cv2.IMREAD_UNCHANGED)
         assert max(img.shape[:2]) <= 256
@@ -160,7 +173,7 @@ def test_prepare_demo_data_is_offline_and_idempotent(tmp_path):
         lines = open(os.path.join(paths[f'{split}_lmdb'], 'meta_info.txt')).read().splitlines()
         assert [ln.split(' ')[0] for ln in lines] == sorted(os.listdir(paths[split]))
     stamp = {os.path.join(r, p): os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(out) for p in fs}
-    prepare.prepare_demo_data(str(out), progress=False)
+    assert _run_script('prepare_demo_data', '--out', out).returncode == 0
     assert stamp == {os.path.join(r, p): os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(out) for p in fs}
     ds = SyntheticNoiseDataset(dict(phase='train', dataroot_gt=paths['train_lmdb'], io_backend=dict(type='lmdb'),
                                     gt_size=80))
