@@ -8,6 +8,7 @@ setup(
     long_description=open('README.md', encoding='utf-8').read() if __import__('os').path.exists('README.md') else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['nl_plugin', 'nl_plugin.*']),
+    license='Apache-2.0',
     python_requires='>=3.11',
     install_requires=[
         'torch>=2.14,<2.15',
@@ -20,11 +21,12 @@ setup(
         'scikit-image',
         'tqdm',
         'pyyaml',
-        'pytest',
     ],
     extras_require={
         # Only needed to read official NLRN TF1 checkpoints (scripts/convert_nlrn_tf.py).
         'convert': ['tensorflow-cpu'],
+        # The test suite and the linter (`make test`, `make lint`).
+        'test': ['pytest', 'ruff'],
     },
     entry_points={'console_scripts': ['basicsr = nl_plugin.cli:main']},
 )
