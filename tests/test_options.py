@@ -53,6 +53,8 @@ def test_option_file_is_valid(path, standin):
     for phase, ds_opt in opt['datasets'].items():
         ds_opt = dict(ds_opt, dataroot_gt=standin, io_backend={'type': 'disk'}, phase=phase.split('_')[0])
         ds_opt.pop('meta_info_file', None)
+        if 'dataroot_lq' in ds_opt:  # paired datasets: the stand-in images serve as their own partners
+            ds_opt['dataroot_lq'] = standin
         if 'scale' in opt:
             ds_opt['scale'] = opt['scale']
         dataset = DATASET_REGISTRY.get(ds_opt['type'])(ds_opt)
