@@ -18,7 +18,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 
 from nl_plugin.ops import n3 as n3ops
 
-from .dncnn_arch import run_sequential
+from .arch_util import run_sequential
 
 _SELECTIONS = ('continuous', 'hard', 'concrete')
 

@@ -6,9 +6,10 @@ from torch import nn as nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
+from .arch_util import bicubic_upsample
 from .dncnn_arch import DnCNN
 from .n3block_arch import N3Block
-from .vdsr_arch import VDSR, bicubic_upsample
+from .vdsr_arch import VDSR
 
 _BLOCK_TYPES = {'n3': 'continuous', 'knn': 'hard', 'concrete': 'concrete'}
 

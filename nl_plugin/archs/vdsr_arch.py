@@ -1,19 +1,11 @@
 """VDSR (Kim et al., CVPR 2016), also the CNN stage of N3Net's super-resolution model."""
 import math
 
-import torch.nn.functional as F
 from torch import nn as nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from .dncnn_arch import add_first_channels
-
-
-def bicubic_upsample(x, scale):
-    """Bicubic upsampling by ``scale`` (PyTorch's kernel, not MATLAB's antialiased imresize)."""
-    if scale == 1:
-        return x
-    return F.interpolate(x, scale_factor=scale, mode='bicubic', align_corners=False)
+from .arch_util import add_first_channels, bicubic_upsample
 
 
 @ARCH_REGISTRY.register()
