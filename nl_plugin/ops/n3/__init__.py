@@ -22,15 +22,17 @@ Two implementations of the block's heavy part are provided:
   selection of the ``M`` real candidates happens on small index tensors. Both give the same
   results up to floating point rounding (tested).
 """
-from .candidates import aggregate_patches, all_pairs_index, candidate_index, patch_sqdist, window_starts
-from .knn import continuous_knn, gumbel_noise, hard_knn_weights, log1mexp, patch_temperature
+from .candidates import aggregate_patches, all_pairs_index, candidate_index, patch_sqdist, search_starts
+from .knn import (KNN_UPDATES, SELECTIONS, continuous_knn, gumbel_noise, hard_knn_weights, log1mexp,
+                  neighbour_weights, patch_temperature, selection_inputs)
 from .patch_grid import (extract_patches, fold_patches, overlap_count, pad_to_patch_grid, patch_grid_padding,
                          patch_grid_shape)
 from .tiled import TilePlan, choose_tile, make_tile_plan, tiled_aggregate_fold, tiled_patch_sqdist
 
 __all__ = [
     'patch_grid_padding', 'pad_to_patch_grid', 'patch_grid_shape', 'extract_patches', 'fold_patches',
-    'overlap_count', 'window_starts', 'candidate_index', 'all_pairs_index', 'patch_sqdist', 'aggregate_patches',
-    'log1mexp', 'continuous_knn', 'hard_knn_weights', 'gumbel_noise', 'patch_temperature', 'TilePlan',
+    'overlap_count', 'search_starts', 'candidate_index', 'all_pairs_index', 'patch_sqdist', 'aggregate_patches',
+    'log1mexp', 'continuous_knn', 'hard_knn_weights', 'gumbel_noise', 'patch_temperature', 'SELECTIONS',
+    'KNN_UPDATES', 'selection_inputs', 'neighbour_weights', 'TilePlan',
     'choose_tile', 'make_tile_plan', 'tiled_patch_sqdist', 'tiled_aggregate_fold'
 ]

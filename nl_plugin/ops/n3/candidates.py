@@ -1,64 +1,64 @@
-"""Candidate sets of the N3 block (clamped search windows of patches) and the gather-based reference
+"""Candidate sets of the N3 block (clamped search regions of patches) and the gather-based reference
 distance / aggregation over them (memory ``L * M * D``; the oracle of :mod:`.tiled`)."""
 from functools import lru_cache
 
 import torch
 
-__all__ = ['window_starts', 'candidate_index', 'all_pairs_index', 'patch_sqdist', 'aggregate_patches']
+__all__ = ['search_starts', 'candidate_index', 'all_pairs_index', 'patch_sqdist', 'aggregate_patches']
 
 
-def window_starts(n, window):
-    """First grid row of each query's search window along one axis (official: clamped inside).
+def search_starts(n: int, search_size: int) -> tuple[torch.Tensor, int]:
+    """First grid row of each query's search region along one axis (official: clamped inside).
 
-    The window of query ``i`` is ``[start_i, start_i + window)`` with ``start_i = clamp(i - window // 2,
-    0, n - window)``; ``window`` is first shrunk to ``n`` when the grid is smaller than it.
+    The search region of query ``i`` is ``[start_i, start_i + search)`` with ``start_i = clamp(i - search // 2,
+    0, n - search)``; ``search = min(search_size, n)`` (the region shrinks to a grid smaller than it).
 
     Returns:
-        tuple: (LongTensor (n,) of starts, the effective window length).
+        tuple: (LongTensor (n,) of starts, the effective search extent ``search``).
     """
-    window = min(window, n)
-    starts = (torch.arange(n) - window // 2).clamp(0, n - window)
-    return starts, window
+    search = min(search_size, n)
+    starts = (torch.arange(n) - search // 2).clamp(0, n - search)
+    return starts, search
 
 
-def candidate_index(nh, nw, window_size, device=None):
-    """Candidate patches of every query: its ``window x window`` patch neighbourhood minus itself.
+def candidate_index(nh: int, nw: int, search_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Candidate patches of every query: its ``search_size x search_size`` patch neighbourhood minus itself.
 
     Official N3Net: a 15x15 grid of patches around the query (80x80 pixels for 10x10 patches at
-    stride 5), the window clamped to lie inside the image, the query itself excluded: 224
-    candidates. On grids smaller than the window, the window shrinks to the grid along that axis
-    (every query then sees the whole axis).
+    stride 5), the region clamped to lie inside the image, the query itself excluded: 224
+    candidates. On grids smaller than the search region, the region shrinks to the grid along that
+    axis (every query then sees the whole axis).
 
     Args:
         nh (int): Patch-grid rows.
         nw (int): Patch-grid columns.
-        window_size (int): Window side in patches.
+        search_size (int): Search region side in patches.
         device (torch.device, optional): Device of the result.
 
     Returns:
-        LongTensor: (L, M) indices into the row-major patch grid, ``M = wh * ww - 1`` with
-        ``wh = min(window_size, nh)``, ``ww = min(window_size, nw)``; candidates in row-major
-        window order.
+        LongTensor: (L, M) indices into the row-major patch grid, ``M = sh * sw - 1`` with
+        ``sh = min(search_size, nh)``, ``sw = min(search_size, nw)``; candidates in row-major
+        order over the search region.
     """
-    if window_size < 1:
-        raise ValueError(f'window_size must be >= 1, got {window_size}')
-    return _candidate_index(nh, nw, window_size).to(device)
+    if search_size < 1:
+        raise ValueError(f'search_size must be >= 1, got {search_size}')
+    return _candidate_index(nh, nw, search_size).to(device)
 
 
 @lru_cache(maxsize=16)
-def _candidate_index(nh, nw, window_size):
-    rs, wh = window_starts(nh, window_size)
-    cs, ww = window_starts(nw, window_size)
-    rows = rs[:, None] + torch.arange(wh)  # (nh, wh)
-    cols = cs[:, None] + torch.arange(ww)  # (nw, ww)
-    full = (rows[:, None, :, None] * nw + cols[None, :, None, :]).reshape(nh * nw, wh * ww)
-    keep = full != torch.arange(nh * nw)[:, None]  # the query is inside its own window exactly once
-    if wh * ww - 1 < 1:
+def _candidate_index(nh, nw, search_size):
+    rs, sh = search_starts(nh, search_size)
+    cs, sw = search_starts(nw, search_size)
+    rows = rs[:, None] + torch.arange(sh)  # (nh, sh)
+    cols = cs[:, None] + torch.arange(sw)  # (nw, sw)
+    full = (rows[:, None, :, None] * nw + cols[None, :, None, :]).reshape(nh * nw, sh * sw)
+    keep = full != torch.arange(nh * nw)[:, None]  # the query is inside its own search region exactly once
+    if sh * sw - 1 < 1:
         raise ValueError(f'a {nh}x{nw} patch grid has no candidate patches besides the query')
-    return full[keep].view(nh * nw, wh * ww - 1)
+    return full[keep].view(nh * nw, sh * sw - 1)
 
 
-def all_pairs_index(n, device=None):
+def all_pairs_index(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Every other item as candidate: (n, n-1) indices (the set version's search over all items)."""
     if n < 2:
         raise ValueError(f'need at least 2 items to search for neighbours, got {n}')
@@ -76,7 +76,7 @@ def _gather_rows(values, index):
     return torch.gather(values, 1, flat[..., None].expand(-1, -1, d)).view(*index.shape, d)
 
 
-def patch_sqdist(query, keys, index):
+def patch_sqdist(query: torch.Tensor, keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between each query and its candidates only (reference version).
 
     Args:
@@ -91,7 +91,7 @@ def patch_sqdist(query, keys, index):
     return (query.unsqueeze(2) - cand).pow(2).sum(-1)
 
 
-def aggregate_patches(weights, values, index):
+def aggregate_patches(weights: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Weighted averages of candidate patches, one per neighbour (eq. 12; reference version).
 
     Args:

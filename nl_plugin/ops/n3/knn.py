@@ -1,16 +1,18 @@
 """The k-NN relaxation of the N3 block: continuous k-NN (paper eqs. 8-11), hard k-NN, Concrete noise, temperature."""
 import math
+from collections.abc import Sequence
 
 import torch
 
 from .patch_grid import extract_patches
 
-__all__ = ['log1mexp', 'continuous_knn', 'hard_knn_weights', 'gumbel_noise', 'patch_temperature']
+__all__ = ['log1mexp', 'continuous_knn', 'hard_knn_weights', 'gumbel_noise', 'patch_temperature', 'SELECTIONS',
+           'KNN_UPDATES', 'selection_inputs', 'neighbour_weights']
 
 _LN2 = math.log(2.0)
 
 
-def log1mexp(a):
+def log1mexp(a: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(a))`` for ``a <= 0``, numerically stable (Mächler 2012).
 
     ``log1p(-exp(a))`` for ``a < -log 2``, ``log(-expm1(a))`` otherwise. Each branch gets an input
@@ -23,7 +25,8 @@ def log1mexp(a):
     return torch.where(small, lo, hi)
 
 
-def continuous_knn(logits, k, noise=None, temperature=None):
+def continuous_knn(logits: torch.Tensor, k: int, noise: torch.Tensor | None = None,
+                   temperature: torch.Tensor | float | None = None) -> torch.Tensor:
     """Continuous deterministic relaxation of k-NN selection (paper eqs. 8-11).
 
     For ``j = 1..k``::
@@ -86,7 +89,7 @@ def continuous_knn(logits, k, noise=None, temperature=None):
     return torch.stack(weights, dim=-2)
 
 
-def hard_knn_weights(dist, k):
+def hard_knn_weights(dist: torch.Tensor, k: int) -> torch.Tensor:
     """One-hot weights of the ``k`` nearest candidates (ties broken by candidate order).
 
     Args:
@@ -103,7 +106,7 @@ def hard_knn_weights(dist, k):
     return out.scatter_(-1, idx.unsqueeze(-1), 1.0)
 
 
-def gumbel_noise(shape, like, generator=None):
+def gumbel_noise(shape: Sequence[int], like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard Gumbel samples ``-log(-log U)`` with the dtype/device of ``like``."""
     u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
     tiny = torch.finfo(like.dtype).tiny
@@ -111,7 +114,8 @@ def gumbel_noise(shape, like, generator=None):
     return -torch.log(e.clamp(min=tiny))
 
 
-def patch_temperature(log_temp, patch_size, stride, mode='mean', offset=math.log(0.1)):
+def patch_temperature(log_temp: torch.Tensor, patch_size: int, stride: int, mode: str = 'mean',
+                      offset: float = math.log(0.1)) -> torch.Tensor:
     """Per-patch temperature ``T = exp(log_temp_patch + offset)`` from a log-temperature map.
 
     Args:
@@ -133,3 +137,62 @@ def patch_temperature(log_temp, patch_size, stride, mode='mean', offset=math.log
     else:
         raise ValueError(f"temperature mode must be 'mean' or 'center', got {mode!r}")
     return torch.exp(lt + offset)
+
+
+SELECTIONS = ('n3', 'knn', 'concrete')
+KNN_UPDATES = ('official', 'paper')
+
+
+def selection_inputs(alpha: torch.Tensor, k: int, temperature: torch.Tensor | None = None,
+                     knn_update: str = 'official', sample: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-query inputs ``(logits, temperature, noise)`` of :func:`neighbour_weights`.
+
+    Places the temperature ``T`` in eqs. 8-11 and draws the Gumbel noise ``G`` of Concrete sampling:
+
+    * ``knn_update='official'``: logits ``alpha / T`` and noise ``G / T`` (the softmax sees
+      ``(alpha + G) / T``; the ``log(1 - w)`` update is added to the scaled logits);
+    * ``knn_update='paper'``: logits ``alpha``, temperature ``T`` and noise ``G`` (the update is added
+      to ``alpha``; see :func:`continuous_knn`).
+
+    Args:
+        alpha (Tensor): (..., M) logits before the temperature (e.g. the normalised negative distances).
+        k (int): Number of neighbours (noise is drawn for each).
+        temperature (Tensor, optional): (..., 1) per-query temperature; ``None``: no scaling.
+        knn_update (str): ``'official'`` or ``'paper'`` placement of the temperature.
+        sample (bool): Draw Gumbel noise (Concrete selection while training).
+
+    Returns:
+        tuple: ``logits`` (..., M), ``temperature`` (..., 1) or None, ``noise`` (..., k, M) or None.
+    """
+    if knn_update not in KNN_UPDATES:
+        raise ValueError(f'knn_update must be one of {KNN_UPDATES}, got {knn_update!r}')
+    noise = gumbel_noise(alpha.shape[:-1] + (k, alpha.shape[-1]), alpha) if sample else None
+    if temperature is None:
+        return alpha, None, noise
+    if knn_update == 'official':
+        return alpha / temperature, None, None if noise is None else noise / temperature.unsqueeze(-1)
+    return alpha, temperature, noise
+
+
+def neighbour_weights(logits: torch.Tensor, temperature: torch.Tensor | None = None,
+                      noise: torch.Tensor | None = None, *, k: int, selection: str = 'n3') -> torch.Tensor:
+    """Weights of the ``k`` neighbours for one of the paper's selection rules.
+
+    Args:
+        logits (Tensor): (..., M) logits, e.g. from :func:`selection_inputs`; for ``'knn'`` the
+            negative distances.
+        temperature (Tensor, optional): (..., 1) paper placement of the temperature.
+        noise (Tensor, optional): (..., k, M) Gumbel noise (Concrete sampling).
+        k (int): Number of neighbours.
+        selection (str): ``'n3'`` or ``'concrete'`` (:func:`continuous_knn`, eqs. 8-11; Concrete
+            samples when ``noise`` is given) or ``'knn'`` (:func:`hard_knn_weights` on ``-logits``).
+
+    Returns:
+        Tensor: (..., k, M) weights; each row sums to 1.
+    """
+    if selection == 'knn':
+        return hard_knn_weights(-logits, k)
+    if selection not in SELECTIONS:
+        raise ValueError(f'selection must be one of {SELECTIONS}, got {selection!r}')
+    return continuous_knn(logits, k, noise=noise, temperature=temperature)

@@ -16,7 +16,7 @@ def _pad_1d(n, patch_size, stride):
     return total // 2, total - total // 2
 
 
-def patch_grid_padding(h, w, patch_size, stride):
+def patch_grid_padding(h: int, w: int, patch_size: int, stride: int) -> tuple[int, int, int, int]:
     """Zero padding that makes ``patch_size`` patches at ``stride`` tile an image exactly.
 
     Official rule: ``pad = (-(H - p)) mod s`` rows, ``floor(pad / 2)`` on top and the rest at the
@@ -38,7 +38,8 @@ def patch_grid_padding(h, w, patch_size, stride):
     return left, right, top, bottom
 
 
-def pad_to_patch_grid(x, patch_size, stride, pad=None):
+def pad_to_patch_grid(x: torch.Tensor, patch_size: int, stride: int, pad: tuple[int, int, int, int] | None = None
+                      ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Zero-pad ``x`` (B, C, H, W) with :func:`patch_grid_padding` (or the given ``pad``).
 
     Returns:
@@ -49,7 +50,7 @@ def pad_to_patch_grid(x, patch_size, stride, pad=None):
     return (F.pad(x, pad) if any(pad) else x), pad
 
 
-def patch_grid_shape(h, w, patch_size, stride):
+def patch_grid_shape(h: int, w: int, patch_size: int, stride: int) -> tuple[int, int]:
     """Number of patch rows and columns ``(nh, nw)`` of an image that the patches tile exactly."""
     if h < patch_size or w < patch_size or (h - patch_size) % stride or (w - patch_size) % stride:
         raise ValueError(f'a {h}x{w} image is not tiled exactly by {patch_size}x{patch_size} patches at '
@@ -57,7 +58,7 @@ def patch_grid_shape(h, w, patch_size, stride):
     return (h - patch_size) // stride + 1, (w - patch_size) // stride + 1
 
 
-def extract_patches(x, patch_size, stride):
+def extract_patches(x: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
     """All ``p x p`` patches at stride ``s`` of an exactly tiled image, row-major over the grid.
 
     Args:
@@ -72,7 +73,8 @@ def extract_patches(x, patch_size, stride):
     return F.unfold(x, patch_size, stride=stride).transpose(1, 2)
 
 
-def fold_patches(patches, out_size, patch_size, stride, average=True):
+def fold_patches(patches: torch.Tensor, out_size: tuple[int, int], patch_size: int, stride: int,
+                 average: bool = True) -> torch.Tensor:
     """Inverse of :func:`extract_patches`: overlap-add patches back into an image (col2im).
 
     With ``average=True`` every pixel is divided by the number of patches covering it (official:
@@ -97,7 +99,8 @@ def fold_patches(patches, out_size, patch_size, stride, average=True):
     return out
 
 
-def overlap_count(out_size, patch_size, stride, device=None, dtype=torch.float32):
+def overlap_count(out_size: tuple[int, int], patch_size: int, stride: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Number of patches covering each pixel, (1, 1, H, W)."""
     nh, nw = patch_grid_shape(out_size[0], out_size[1], patch_size, stride)
     ones = torch.ones(1, patch_size * patch_size, nh * nw, device=device, dtype=dtype)
