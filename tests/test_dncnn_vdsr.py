@@ -100,7 +100,7 @@ def test_registered_in_basicsr_and_mmengine():
     from basicsr.utils.registry import ARCH_REGISTRY
     from mmengine.registry import MODELS
     import nl_plugin  # noqa: F401
-    for name in ('DnCNN', 'VDSR', 'N3Net', 'N3Block', 'N3SetBlock', 'KNNBlock', 'ConcreteN3Block'):
+    for name in ('DnCNN', 'VDSR', 'N3Net', 'N3Block', 'N3SetBlock'):
         assert ARCH_REGISTRY.get(name) is not None
     net = MODELS.build(dict(type='DnCNN', num_in_ch=1, num_out_ch=1, num_feat=8, depth=3))
     assert isinstance(net, DnCNN)
