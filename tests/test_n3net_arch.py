@@ -86,7 +86,8 @@ def test_renamed_options_are_refused_with_the_new_name():
     for cls in (N3Block, N3Net):  # the real signature stays visible (option-key checks read it)
         assert 'search_size' in inspect.signature(cls).parameters
         assert 'window_size' not in inspect.signature(cls).parameters
-    assert 'selection' in inspect.signature(N3Net).parameters and 'block_type' not in inspect.signature(N3Net).parameters
+    params = inspect.signature(N3Net).parameters
+    assert 'selection' in params and 'block_type' not in params
     for name in ('KNNBlock', 'ConcreteN3Block'):  # one name for one ablation: N3Block(selection=...)
         with pytest.raises(KeyError):
             ARCH_REGISTRY.get(name)

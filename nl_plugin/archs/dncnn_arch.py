@@ -1,4 +1,5 @@
 """DnCNN (Zhang et al., TIP 2017), also the CNN stage of N3Net (Plötz & Roth, NeurIPS 2018)."""
+import torch
 from torch import nn as nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -36,8 +37,9 @@ class DnCNN(nn.Module):
             ``'default'`` (PyTorch). Default: ``'official'``.
     """
 
-    def __init__(self, num_in_ch=1, num_out_ch=1, num_feat=64, depth=17, residual=True, bn=True, bn_eps=1e-5,
-                 bn_momentum=0.1, init='official'):
+    def __init__(self, num_in_ch: int = 1, num_out_ch: int = 1, num_feat: int = 64, depth: int = 17,
+                 residual: bool = True, bn: bool = True, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
+                 init: str = 'official') -> None:
         super().__init__()
         if depth < 2:
             raise ValueError(f'DnCNN depth must be >= 2 (first and last conv), got {depth}')
@@ -61,7 +63,7 @@ class DnCNN(nn.Module):
         if init == 'official':
             dncnn_init_(self)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, num_in_ch, H, W) -> (N, num_out_ch, H, W)."""
         if x.dim() != 4 or x.shape[1] != self.num_in_ch:
             raise ValueError(f'DnCNN expects (N, {self.num_in_ch}, H, W) input, got shape {tuple(x.shape)}')
