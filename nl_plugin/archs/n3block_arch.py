@@ -148,7 +148,7 @@ class N3Block(nn.Module):
     def _selection_inputs(self, dist, temp):
         """Per-query inputs (B, L, ...) of :func:`nl_plugin.ops.n3.neighbour_weights`."""
         if temp is None:  # hard k-NN on fixed features: no distance BN, no temperature
-            return n3ops.selection_inputs(-dist, self.k)
+            return n3ops.selection_inputs(dist.neg_(), self.k)  # in place: no other use of dist, no extra buffer
         alpha = self.dist_bn(-dist.reshape(dist.shape[0], 1, -1)).view_as(dist)  # BN over all distances
         sample = self.selection == 'concrete' and self.training
         return n3ops.selection_inputs(alpha, self.k, temp.unsqueeze(-1), self.knn_update, sample)
