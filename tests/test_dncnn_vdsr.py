@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nl_plugin.archs.arch_util import add_first_channels, bicubic_upsample
 from nl_plugin.archs.dncnn_arch import DnCNN
 from nl_plugin.archs.vdsr_arch import VDSR
 
@@ -40,6 +41,17 @@ def test_dncnn_layout_and_residual_rule():
         raw = up.conv_last(up.body(F.relu(up.conv_first(x[:, :1]))))
     assert torch.allclose(y[:, :1], raw[:, :1] + x[:, :1], atol=1e-6) and torch.allclose(y[:, 1:], raw[:, 1:])
     assert DnCNN(2, 2, 4, 3, residual=False)(x[:, :2]).shape == (2, 2, 9, 7)
+
+
+def test_add_first_channels_and_bicubic_upsample():
+    x = torch.randn(2, 3, 5, 4)
+    wide = torch.randn(2, 5, 5, 4)
+    out = add_first_channels(wide, x)  # more outputs than inputs: only the first 3 get the residual
+    assert torch.equal(out[:, :3], wide[:, :3] + x) and torch.equal(out[:, 3:], wide[:, 3:])
+    narrow = torch.randn(2, 2, 5, 4)
+    assert torch.equal(add_first_channels(narrow, x), narrow + x[:, :2])
+    assert bicubic_upsample(x, 1) is x
+    assert torch.equal(bicubic_upsample(x, 3), F.interpolate(x, scale_factor=3, mode='bicubic', align_corners=False))
 
 
 def test_dncnn_inference_folds_bn_exactly():
@@ -88,7 +100,7 @@ def test_registered_in_basicsr_and_mmengine():
     from basicsr.utils.registry import ARCH_REGISTRY
     from mmengine.registry import MODELS
     import nl_plugin  # noqa: F401
-    for name in ('DnCNN', 'VDSR', 'N3Net', 'N3Block', 'N3SetBlock', 'KNNBlock', 'ConcreteN3Block'):
+    for name in ('DnCNN', 'VDSR', 'N3Net', 'N3Block', 'N3SetBlock'):
         assert ARCH_REGISTRY.get(name) is not None
     net = MODELS.build(dict(type='DnCNN', num_in_ch=1, num_out_ch=1, num_feat=8, depth=3))
     assert isinstance(net, DnCNN)

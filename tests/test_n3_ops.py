@@ -1,4 +1,5 @@
 """The N3 block's pure functions against naive dense references (forward and gradients)."""
+import dataclasses
 import itertools
 import math
 
@@ -95,6 +96,13 @@ def test_extract_and_fold_match_naive():
     assert gradcheck(lambda t: n3.fold_patches(t, (5, 7), 3, 2), (sp,))
 
 
+def test_search_starts_clamped_inside_the_grid():
+    for n, size in [(20, 15), (15, 15), (4, 15), (9, 4)]:
+        starts, extent = n3.search_starts(n, size)
+        assert extent == min(n, size)
+        assert starts.tolist() == [min(max(i - extent // 2, 0), n - extent) for i in range(n)]
+
+
 @pytest.mark.parametrize('nh,nw,win', [(17, 20, 15), (15, 15, 15), (4, 9, 15), (9, 30, 5), (6, 6, 4)])
 def test_candidate_index(nh, nw, win):
     idx = n3.candidate_index(nh, nw, win)
@@ -183,6 +191,41 @@ def test_official_update_only_first_neighbour_hard():
     assert torch.allclose(n3.continuous_knn(-d, 3), n3.continuous_knn(-d, 3, temperature=1.0))
 
 
+def naive_selection(alpha, k, t, g, knn_update):
+    """Concrete k-NN literally: official softmax(logits + g_j / t) with logits = alpha / t, or paper
+    softmax((alpha + g_j) / t); then log(1 - w) is added to the logits (official) or to alpha (paper)."""
+    ws = []
+    lg = alpha / t if knn_update == 'official' else alpha
+    for j in range(k):
+        w = torch.softmax(lg + g[..., j, :] / t if knn_update == 'official' else (lg + g[..., j, :]) / t, -1)
+        ws.append(w)
+        lg = lg + torch.log(1 - w)
+    return torch.stack(ws, -2)
+
+
+@pytest.mark.parametrize('knn_update', ['official', 'paper'])
+def test_selection_inputs_and_neighbour_weights_match_naive(knn_update):
+    alpha = torch.randn(2, 5, 9, dtype=D64) * 2
+    t = torch.rand(2, 5, 1, dtype=D64) + 0.3
+    torch.manual_seed(3)
+    inputs = n3.selection_inputs(alpha, 3, t, knn_update, sample=True)
+    torch.manual_seed(3)
+    g = n3.gumbel_noise((2, 5, 3, 9), alpha)
+    for sel in ('concrete', 'n3'):  # the same rule once noise is given; 'n3' blocks never draw it
+        w = n3.neighbour_weights(*inputs, k=3, selection=sel)
+        assert torch.allclose(w, naive_selection(alpha, 3, t, g, knn_update), atol=1e-12)
+    det = n3.neighbour_weights(*n3.selection_inputs(alpha, 3, t, knn_update), k=3, selection='n3')
+    assert torch.allclose(det, naive_selection(alpha, 3, t, torch.zeros_like(g), knn_update), atol=1e-12)
+    logits, temp, noise = n3.selection_inputs(alpha, 3)  # no temperature: alpha unchanged, no noise
+    assert logits is alpha and temp is None and noise is None
+    d = torch.rand(2, 5, 9, dtype=D64)
+    assert torch.equal(n3.neighbour_weights(-d, k=3, selection='knn'), n3.hard_knn_weights(d, 3))
+    with pytest.raises(ValueError, match='selection'):
+        n3.neighbour_weights(alpha, k=2, selection='soft')
+    with pytest.raises(ValueError, match='knn_update'):
+        n3.selection_inputs(alpha, 2, t, 'both')
+
+
 def test_aggregate_matches_dense_and_gradcheck():
     b, nh, nw, d = 2, 3, 4, 6
     n = nh * nw
@@ -260,10 +303,24 @@ def test_tiled_gradients_equal_reference():
 
 
 def test_tile_plan_covers_every_candidate():
-    for nh, nw in [(64, 96), (15, 15), (30, 17)]:
-        plan = n3.make_tile_plan(nh, nw, 15)
-        idx = n3.candidate_index(nh, nw, 15)
+    for nh, nw, search in [(64, 96, 15), (15, 15, 15), (30, 17, 15), (11, 12, 2), (12, 11, 2)]:
+        plan = n3.make_tile_plan(nh, nw, search)
+        idx = n3.candidate_index(nh, nw, search)
         # each tile's local candidates, mapped back to global indices, are candidate_index
         glob = torch.gather(plan.union[:, None, :].expand(-1, plan.query.shape[1], -1), 2, plan.local)
         assert torch.equal(glob, idx[plan.query])
         assert plan.owner.sum() == nh * nw  # every query reported exactly once
+
+
+def test_tile_plan_is_a_typed_immutable_record():
+    plan = n3.make_tile_plan(20, 23, 15, tile=(6, 7))
+    names = [f.name for f in dataclasses.fields(n3.TilePlan)]
+    assert names == ['nh', 'nw', 'th', 'tw', 'uh', 'uw', 'sh', 'sw', 'query', 'union', 'local', 'owner', 'slot',
+                     'origin']
+    assert (plan.nh, plan.nw, plan.th, plan.tw, plan.sh, plan.sw) == (20, 23, 6, 7, 15, 15)
+    assert (plan.uh, plan.uw) == (min(6 + 15 - 1, 20), min(7 + 15 - 1, 23))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.th = 3  # plans are cached and shared
+    moved = plan.to('cpu')
+    assert moved is not plan and all(torch.equal(getattr(moved, n), getattr(plan, n)) for n in names[8:])
+    assert n3.make_tile_plan(20, 23, 15, tile=(6, 7)).query is plan.query  # cached

@@ -1,8 +1,11 @@
 """N3Block (tiled vs reference, baselines, set version) and N3Net (counts, variants, options)."""
+import inspect
+
 import pytest
 import torch
+from basicsr.utils.registry import ARCH_REGISTRY
 
-from nl_plugin.archs.n3block_arch import ConcreteN3Block, KNNBlock, N3Block, N3SetBlock
+from nl_plugin.archs.n3block_arch import N3Block, N3SetBlock
 from nl_plugin.archs.n3net_arch import N3Net, _flush_denormal_enabled
 from nl_plugin.ops import n3
 
@@ -64,6 +67,47 @@ def test_n3block_output_layout_and_errors():
         N3Block(temp_mode='median')
 
 
+def test_renamed_options_are_refused_with_the_new_name():
+    with pytest.raises(TypeError, match="N3Block: option 'window_size' is now called 'search_size'"):
+        N3Block(window_size=15)
+    with pytest.raises(TypeError, match="N3Net: option 'window_size' is now called 'search_size'"):
+        N3Net(window_size=15)
+    with pytest.raises(TypeError, match="N3Net: option 'block_type' is now called 'selection'"):
+        N3Net(block_type='knn')
+    for old, new in (('continuous', 'n3'), ('hard', 'knn')):
+        with pytest.raises(ValueError, match=f"N3Block: selection '{old}' is now called '{new}'"):
+            N3Block(selection=old)
+        with pytest.raises(ValueError, match=f"N3SetBlock: selection '{old}' is now called '{new}'"):
+            N3SetBlock(4, selection=old)
+        with pytest.raises(ValueError, match=f"selection '{old}' is now called '{new}'"):
+            N3Net(selection=old)
+    with pytest.raises(ValueError, match="did you mean 'knn'"):
+        N3Block(selection='knnn')
+    for cls in (N3Block, N3Net):  # the real signature stays visible (option-key checks read it)
+        assert 'search_size' in inspect.signature(cls).parameters
+        assert 'window_size' not in inspect.signature(cls).parameters
+    params = inspect.signature(N3Net).parameters
+    assert 'selection' in params and 'block_type' not in params
+    for name in ('KNNBlock', 'ConcreteN3Block'):  # one name for one ablation: N3Block(selection=...)
+        with pytest.raises(KeyError):
+            ARCH_REGISTRY.get(name)
+
+
+def test_n3net_passes_its_block_options_on():
+    net = N3Net(selection='concrete', search_size=9, knn_update='paper', temp_mode='center')
+    assert all(b.selection == 'concrete' and b.search_size == 9 and b.knn_update == 'paper' and b.temp_mode == 'center'
+               for b in net.n3_blocks)
+    with pytest.raises(ValueError, match='knn_update'):  # checked by the block
+        N3Net(knn_update='official_v2')
+
+
+def test_small_search_on_a_grid_wider_than_a_candidate_tile():
+    """search_size 2 on an 11x12 patch grid: tiles of up to 12 patches are weighed against the grid."""
+    a, b = twin(num_in_ch=1, k=2, patch_size=1, stride=1, search_size=2, embed_feat=4)
+    x = torch.randn(1, 1, 11, 12, dtype=D64)
+    assert torch.allclose(a(x), b(x), atol=1e-10)
+
+
 def test_temperature_modes_differ_and_paper_update():
     a, _ = twin(num_in_ch=2, k=2, embed_feat=8)
     a.eval()
@@ -87,7 +131,7 @@ def test_hard_knn_block_on_fixed_features_matches_brute_force():
     h, w, win, k = 6, 7, 3, 2
     x = torch.randn(1, 2, h, w, dtype=D64)
     feat = torch.randn(1, 1, h, w, dtype=D64)
-    blk = KNNBlock(num_in_ch=2, k=k, patch_size=1, stride=1, window_size=win)
+    blk = N3Block(num_in_ch=2, k=k, patch_size=1, stride=1, search_size=win, selection='knn')
     assert count(blk) == 0
     y = blk(x, match=feat)
     idx = n3.candidate_index(h, w, win)
@@ -98,12 +142,12 @@ def test_hard_knn_block_on_fixed_features_matches_brute_force():
         for j in range(k):
             r, c = divmod(order[j].item(), w)
             assert torch.allclose(y[0, 2 * (j + 1):2 * (j + 2), q // w, q % w], x[0, :, r, c] - x[0, :, q // w, q % w])
-    ref = KNNBlock(num_in_ch=2, k=k, patch_size=1, stride=1, window_size=win, impl='reference')
+    ref = N3Block(num_in_ch=2, k=k, patch_size=1, stride=1, search_size=win, selection='knn', impl='reference')
     assert torch.allclose(ref(x, match=feat), y)
 
 
 def test_concrete_block_samples_in_training_only():
-    blk = ConcreteN3Block(num_in_ch=2, k=2, embed_feat=8)
+    blk = N3Block(num_in_ch=2, k=2, embed_feat=8, selection='concrete')
     x = torch.randn(1, 2, 25, 25)
     assert not torch.allclose(blk(x), blk(x))  # stochastic while training
     det = N3Block(num_in_ch=2, k=2, embed_feat=8)
@@ -149,10 +193,10 @@ def test_n3net_counts_and_variants():
     assert real(torch.rand(1, 3, 24, 24)).shape == (1, 1, 24, 24)
     with pytest.raises(ValueError, match='2 noise-map channels'):
         real(torch.rand(1, 1, 24, 24))
-    knn = N3Net(block_type='knn', knn_feature='input')
+    knn = N3Net(selection='knn', knn_feature='input')
     assert count(knn) == 705511 - 2 * 88651
     assert knn(torch.rand(2, 1, 30, 30)).shape == (2, 1, 30, 30)
-    for bad in (dict(block_type='x'), dict(stage_type='unet'), dict(knn_update='y'), dict(num_stages=0)):
+    for bad in (dict(selection='x'), dict(stage_type='unet'), dict(knn_update='y'), dict(num_stages=0)):
         with pytest.raises(ValueError):
             N3Net(**bad)
 
@@ -160,7 +204,7 @@ def test_n3net_counts_and_variants():
 def test_n3net_official_defaults_and_denormal_flag():
     net = N3Net()
     assert [s.body[1].momentum for s in net.stages] == [0.001] * 3
-    assert all(b.k == 7 and b.patch_size == 10 and b.stride == 5 and b.window_size == 15 for b in net.n3_blocks)
+    assert all(b.k == 7 and b.patch_size == 10 and b.stride == 5 and b.search_size == 15 for b in net.n3_blocks)
     assert net.n3_blocks[0].dist_bn.eps == 1e-5 and net.stages[0].body[1].eps == 1e-5
     net.eval()
     before = _flush_denormal_enabled()

@@ -1,3 +1,4 @@
+"""Test-time tiling (start offsets, overlap averaging, scale) and the x8 self-ensemble."""
 import itertools
 
 import pytest
@@ -36,7 +37,8 @@ def test_tiled_overlap_is_averaged():
     x = torch.zeros(1, 1, 10, 6, dtype=torch.float64)
     y = tiled_forward(fn, x, 6, stride=4, tile_batch=1)
     # tiles start at rows 0 and 4 (constants 0 and 1): rows 4-5 are covered by both -> 0.5
-    expected = torch.tensor([0.0] * 4 + [0.5] * 2 + [1.0] * 4, dtype=torch.float64).view(1, 1, 10, 1).expand(1, 1, 10, 6)
+    expected = torch.tensor([0.0] * 4 + [0.5] * 2 + [1.0] * 4, dtype=torch.float64).view(1, 1, 10, 1)
+    expected = expected.expand(1, 1, 10, 6)
     torch.testing.assert_close(y, expected)
 
 

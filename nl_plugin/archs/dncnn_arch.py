@@ -1,62 +1,10 @@
 """DnCNN (Zhang et al., TIP 2017), also the CNN stage of N3Net (Plötz & Roth, NeurIPS 2018)."""
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn as nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
-
-def add_first_channels(out, x):
-    """Residual of N3Net's stages: the first ``min(C_in, C_out)`` input channels are added to the
-    first ``min(C_in, C_out)`` output channels (official code); other output channels unchanged."""
-    m = min(out.shape[1], x.shape[1])
-    if m == out.shape[1]:
-        return out + x[:, :m]
-    return torch.cat([out[:, :m] + x[:, :m], out[:, m:]], 1)
-
-
-def dncnn_init_(module, bn_weight_min=0.025):
-    """Official N3Net/DnCNN initialisation, in place.
-
-    Convs ~ N(0, sqrt(2 / (9 * C_out))) with zero bias; BN weights ``|N(0, sqrt(2 / (9 * C)))|``
-    clipped below at ``bn_weight_min``, BN bias 0.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            std = math.sqrt(2.0 / (9 * m.num_features))
-            with torch.no_grad():
-                m.weight.normal_(0.0, std).abs_().clamp_(min=bn_weight_min)
-            nn.init.zeros_(m.bias)
-
-
-def run_sequential(seq, x):
-    """Run ``seq``; at inference (eval mode, no autograd) fold every conv -> BatchNorm pair into one
-    conv (saves one full pass over the feature map per BN, same result up to rounding)."""
-    if seq.training or torch.is_grad_enabled():
-        return seq(x)
-    mods = list(seq)
-    i = 0
-    while i < len(mods):
-        m = mods[i]
-        nxt = mods[i + 1] if i + 1 < len(mods) else None
-        if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d) and nxt.track_running_stats:
-            scale = nxt.weight * torch.rsqrt(nxt.running_var + nxt.eps)
-            bias = nxt.bias - nxt.running_mean * scale
-            if m.bias is not None:
-                bias = bias + m.bias * scale
-            x = F.conv2d(x, m.weight * scale.view(-1, 1, 1, 1), bias, m.stride, m.padding, m.dilation, m.groups)
-            i += 2
-        else:
-            x = m(x)
-            i += 1
-    return x
+from .arch_util import add_first_channels, dncnn_init_, run_sequential
 
 
 @ARCH_REGISTRY.register()
@@ -89,8 +37,9 @@ class DnCNN(nn.Module):
             ``'default'`` (PyTorch). Default: ``'official'``.
     """
 
-    def __init__(self, num_in_ch=1, num_out_ch=1, num_feat=64, depth=17, residual=True, bn=True, bn_eps=1e-5,
-                 bn_momentum=0.1, init='official'):
+    def __init__(self, num_in_ch: int = 1, num_out_ch: int = 1, num_feat: int = 64, depth: int = 17,
+                 residual: bool = True, bn: bool = True, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
+                 init: str = 'official') -> None:
         super().__init__()
         if depth < 2:
             raise ValueError(f'DnCNN depth must be >= 2 (first and last conv), got {depth}')
@@ -114,7 +63,7 @@ class DnCNN(nn.Module):
         if init == 'official':
             dncnn_init_(self)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, num_in_ch, H, W) -> (N, num_out_ch, H, W)."""
         if x.dim() != 4 or x.shape[1] != self.num_in_ch:
             raise ValueError(f'DnCNN expects (N, {self.num_in_ch}, H, W) input, got shape {tuple(x.shape)}')

@@ -1,16 +1,15 @@
 """N3Net (Plötz & Roth, NeurIPS 2018): CNN stages interleaved with neural nearest neighbours blocks."""
-import math
-
 import torch
 from torch import nn as nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
+from nl_plugin.utils import renamed_options
+
+from .arch_util import bicubic_upsample
 from .dncnn_arch import DnCNN
 from .n3block_arch import N3Block
-from .vdsr_arch import VDSR, bicubic_upsample
-
-_BLOCK_TYPES = {'n3': 'continuous', 'knn': 'hard', 'concrete': 'concrete'}
+from .vdsr_arch import VDSR
 
 
 def _flush_denormal_enabled():
@@ -19,6 +18,7 @@ def _flush_denormal_enabled():
 
 
 @ARCH_REGISTRY.register()
+@renamed_options(window_size='search_size', block_type='selection')
 class N3Net(nn.Module):
     """N3Net: ``num_stages`` CNN stages with an N3 block between consecutive stages.
 
@@ -34,7 +34,7 @@ class N3Net(nn.Module):
       bicubic-upsampled input; ``upscale=1`` when the data pipeline already upsamples, e.g. one
       model for x2/x3/x4);
     * real noise: ``num_feat=128, depth=9, num_inter_ch=32, k=3, num_noise_ch=2``;
-    * ablations: ``block_type='knn'`` (hard k-NN on a fixed feature space, ``knn_feature``) or
+    * ablations: ``selection='knn'`` (hard k-NN on a fixed feature space, ``knn_feature``) or
       ``'concrete'`` (stochastic Concrete sampling).
 
     In eval mode on CPU the forward flushes denormal floats (the released weights make the convs hit
@@ -51,15 +51,16 @@ class N3Net(nn.Module):
         k (int): Neighbours per N3 block. Default: 7.
         patch_size (int): Patch side. Default: 10.
         stride (int): Patch stride. Default: 5.
-        window_size (int): Search window in patches (80 px = (15 - 1) * 5 + 10). Default: 15.
+        search_size (int): Search region side in patches (80 px = (15 - 1) * 5 + 10). Default: 15.
         embed_feat (int): Hidden channels of the embedding / temperature CNNs. Default: 64.
         temp_mode (str): ``'mean'`` (official) or ``'center'`` (paper) patch temperature.
             Default: ``'mean'``.
         knn_update (str): ``'official'`` (log(1 - w) added to temperature-scaled logits) or
             ``'paper'`` (added before scaling; exact hard k-NN limit). Default: ``'official'``.
         diff (bool): N3 output ``z_j - x`` (official) instead of ``z_j``. Default: True.
-        block_type (str): ``'n3'``, ``'knn'`` (hard k-NN baseline) or ``'concrete'``. Default: ``'n3'``.
-        knn_feature (str): Feature space of ``block_type='knn'``: ``'input'`` (the network input,
+        selection (str): Selection of the N3 blocks: ``'n3'`` (continuous k-NN), ``'knn'`` (hard k-NN
+            baseline) or ``'concrete'`` (see :class:`N3Block`). Default: ``'n3'``.
+        knn_feature (str): Feature space of ``selection='knn'``: ``'input'`` (the network input,
             e.g. the noisy image) or ``'block'`` (the block's own input). Default: ``'input'``.
         stage_type (str): ``'dncnn'`` or ``'vdsr'``. Default: ``'dncnn'``.
         upscale (int): Bicubic upsampling of the input before the first stage (SR). Default: 1.
@@ -70,19 +71,17 @@ class N3Net(nn.Module):
         init (str): ``'official'`` or ``'default'`` initialisation of the stages. Default: ``'official'``.
     """
 
-    def __init__(self, num_in_ch=1, num_out_ch=1, num_feat=64, depth=6, num_inter_ch=8, num_stages=3, k=7,
-                 patch_size=10, stride=5, window_size=15, embed_feat=64, temp_mode='mean', knn_update='official',
-                 diff=True, block_type='n3', knn_feature='input', stage_type='dncnn', upscale=1, num_noise_ch=0,
-                 bn_eps=1e-5, bn_momentum=0.001, init='official'):
+    def __init__(self, num_in_ch: int = 1, num_out_ch: int = 1, num_feat: int = 64, depth: int = 6,
+                 num_inter_ch: int = 8, num_stages: int = 3, k: int = 7, patch_size: int = 10, stride: int = 5,
+                 search_size: int = 15, embed_feat: int = 64, temp_mode: str = 'mean', knn_update: str = 'official',
+                 diff: bool = True, selection: str = 'n3', knn_feature: str = 'input', stage_type: str = 'dncnn',
+                 upscale: int = 1, num_noise_ch: int = 0, bn_eps: float = 1e-5, bn_momentum: float = 0.001,
+                 init: str = 'official') -> None:
         super().__init__()
-        if block_type not in _BLOCK_TYPES:
-            raise ValueError(f'block_type must be one of {tuple(_BLOCK_TYPES)}, got {block_type!r}')
         if knn_feature not in ('input', 'block'):
             raise ValueError(f"knn_feature must be 'input' or 'block', got {knn_feature!r}")
         if stage_type not in ('dncnn', 'vdsr'):
             raise ValueError(f"stage_type must be 'dncnn' or 'vdsr', got {stage_type!r}")
-        if knn_update not in ('official', 'paper'):
-            raise ValueError(f"knn_update must be 'official' or 'paper', got {knn_update!r}")
         if int(num_stages) != num_stages or num_stages < 1:
             raise ValueError(f'num_stages must be a positive integer, got {num_stages}')
         if int(upscale) != upscale or upscale < 1:
@@ -90,7 +89,7 @@ class N3Net(nn.Module):
         if num_noise_ch < 0:
             raise ValueError(f'num_noise_ch must be >= 0, got {num_noise_ch}')
         self.num_in_ch, self.num_noise_ch, self.upscale = num_in_ch, num_noise_ch, int(upscale)
-        self.block_type, self.knn_feature = block_type, knn_feature
+        self.selection, self.knn_feature = selection, knn_feature
         in_total = num_in_ch + num_noise_ch
         block_out = num_inter_ch * (k + 1)
 
@@ -104,11 +103,11 @@ class N3Net(nn.Module):
         outs = [num_inter_ch] * (num_stages - 1) + [num_out_ch]
         self.stages = nn.ModuleList(stage(ci, co) for ci, co in zip(chans, outs))
         self.n3_blocks = nn.ModuleList(
-            N3Block(num_inter_ch, k=k, patch_size=patch_size, stride=stride, window_size=window_size,
-                    embed_feat=embed_feat, temp_mode=temp_mode, knn_update=knn_update,
-                    selection=_BLOCK_TYPES[block_type], diff=diff) for _ in range(num_stages - 1))
+            N3Block(num_inter_ch, k=k, patch_size=patch_size, stride=stride, search_size=search_size,
+                    embed_feat=embed_feat, temp_mode=temp_mode, knn_update=knn_update, selection=selection,
+                    diff=diff) for _ in range(num_stages - 1))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, num_in_ch + num_noise_ch, h, w) -> (N, num_out_ch, h * upscale, w * upscale)."""
         expected = self.num_in_ch + self.num_noise_ch
         if x.dim() != 4 or x.shape[1] != expected:
@@ -128,7 +127,7 @@ class N3Net(nn.Module):
         # CPU inference: channels-last activations make oneDNN's 3x3 convolutions ~1.5x faster
         fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if channels_last else (lambda t: t)
         x = bicubic_upsample(x, self.upscale)
-        match = x[:, :self.num_in_ch] if self.block_type == 'knn' and self.knn_feature == 'input' else None
+        match = x[:, :self.num_in_ch] if self.selection == 'knn' and self.knn_feature == 'input' else None
         out = self.stages[0](fmt(x))
         for block, stage in zip(self.n3_blocks, self.stages[1:]):
             out = stage(fmt(block(out, match=match)))

@@ -1,19 +1,12 @@
 """VDSR (Kim et al., CVPR 2016), also the CNN stage of N3Net's super-resolution model."""
 import math
 
-import torch.nn.functional as F
+import torch
 from torch import nn as nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from .dncnn_arch import add_first_channels
-
-
-def bicubic_upsample(x, scale):
-    """Bicubic upsampling by ``scale`` (PyTorch's kernel, not MATLAB's antialiased imresize)."""
-    if scale == 1:
-        return x
-    return F.interpolate(x, scale_factor=scale, mode='bicubic', align_corners=False)
+from .arch_util import add_first_channels, bicubic_upsample
 
 
 @ARCH_REGISTRY.register()
@@ -33,8 +26,8 @@ class VDSR(nn.Module):
             Default: ``'official'``.
     """
 
-    def __init__(self, num_in_ch=1, num_out_ch=1, num_feat=64, depth=20, upscale=1, residual=True,
-                 init='official'):
+    def __init__(self, num_in_ch: int = 1, num_out_ch: int = 1, num_feat: int = 64, depth: int = 20, upscale: int = 1,
+                 residual: bool = True, init: str = 'official') -> None:
         super().__init__()
         if depth < 2:
             raise ValueError(f'VDSR depth must be >= 2, got {depth}')
@@ -59,7 +52,7 @@ class VDSR(nn.Module):
                     nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (9 * m.out_channels)))
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x, upscale=None):
+    def forward(self, x: torch.Tensor, upscale: int | None = None) -> torch.Tensor:
         """(N, num_in_ch, h, w) -> (N, num_out_ch, h * upscale, w * upscale).
 
         ``upscale`` overrides the constructor's factor for this call (multi-scale use).

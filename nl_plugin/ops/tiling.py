@@ -2,11 +2,14 @@
 
 ``tiled_forward`` also implements NLRN's official test protocol: 45x45 tiles at stride 7, the last
 tile of each row/column flush with the border, tiles run in batches of 100, overlaps averaged.
+``tile_starts`` also lays out the query tiles of the N3 block's tiled search (:mod:`nl_plugin.ops.n3.tiled`).
 """
+from collections.abc import Callable
+
 import torch
 
 
-def tile_starts(length, tile, stride):
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     """Start offsets of tiles covering ``[0, length)``; the last tile ends exactly at ``length``.
 
     Args:
@@ -15,7 +18,8 @@ def tile_starts(length, tile, stride):
         stride (int): Step between consecutive tiles (> 0).
 
     Returns:
-        list[int]: Sorted, unique start offsets.
+        list[int]: Sorted, unique start offsets (tiles of NLRN's test protocol, and of the N3 block's
+        tiled search).
     """
     if stride <= 0:
         raise ValueError(f'tile stride must be positive, got {stride}')
@@ -27,7 +31,9 @@ def tile_starts(length, tile, stride):
 
 
 @torch.no_grad()
-def tiled_forward(fn, x, tile_size, stride=None, overlap=None, tile_batch=1, scale=1):
+def tiled_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile_size: int,
+                  stride: int | None = None, overlap: int | None = None, tile_batch: int = 1,
+                  scale: int = 1) -> torch.Tensor:
     """Run ``fn`` on overlapping tiles of ``x`` and average the overlaps.
 
     Memory is bounded by ``tile_batch`` tiles at a time, whatever the image size.
@@ -85,7 +91,7 @@ def _dihedral_inverse(y, k, flip):
 
 
 @torch.no_grad()
-def self_ensemble(fn, x):
+def self_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """x8 geometric self-ensemble (NLRN-MV): mean of ``fn`` over the 8 flips/rotations, each undone.
 
     Args:
