@@ -1,10 +1,8 @@
-"""Per-op benchmark cases for scripts/benchmark.py: the fast ops against their readable references."""
+"""Per-op benchmark cases: the fast ops against their readable references (same builder protocol as
+:mod:`nl_plugin.benchmark.network_cases`)."""
 import torch
 
-
-def _sync(device):
-    if device == 'cuda':
-        torch.cuda.synchronize()
+from .common import sync
 
 
 def _qkv(b, h, w, d, c, device, grad=False):
@@ -30,7 +28,7 @@ def window_fwd(impl, spread=False):
         fn = (lambda: wa.window_attention(q, k, v, 45)) if impl == 'fast' else \
             (lambda: wa.dense_attention_reference(q, k, v, 45)[0])
         p = 45 * 45
-        return {'fn': lambda: (fn(), _sync(device)), 'flops': 2 * h * w * p * (64 + 128),
+        return {'fn': lambda: (fn(), sync(device)), 'flops': 2 * h * w * p * (64 + 128),
                 'note': 'flops counted for q x q keys per pixel'}
     return build
 
@@ -54,7 +52,7 @@ def train_size(impl, window_size=None):
         def step():
             out = op(q, k, v)
             out.sum().backward()
-            _sync(device)
+            sync(device)
         n = 43 * 43
         return {'fn': step, 'flops': 3 * 2 * b * n * n * (64 + 128), 'note': f'batch {b}, fwd+bwd, dense-equivalent flops'}
     return build
@@ -68,7 +66,7 @@ def n3block(impl):
         block = N3Block(num_in_ch=8, impl='auto' if impl == 'fast' else 'reference').to(device).eval()
         x = torch.randn(1, 8, h, w, generator=torch.Generator().manual_seed(0)).to(device)
         torch.set_grad_enabled(False)
-        return {'fn': lambda: (block(x), _sync(device))}
+        return {'fn': lambda: (block(x), sync(device))}
     return build
 
 
