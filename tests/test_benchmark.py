@@ -3,10 +3,13 @@
 Nothing here is timed: speed is read from the benchmark's own output, never asserted in a test.
 """
 import json
+import os
 import subprocess
 import sys
 
 from nl_plugin.benchmark.runner import CASES
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'benchmark.py')
 
 
 def test_every_case_has_a_description_and_builder():
@@ -16,7 +19,7 @@ def test_every_case_has_a_description_and_builder():
 
 def test_command_line_writes_json(tmp_path):
     out = tmp_path / 'bench.json'
-    r = subprocess.run([sys.executable, 'scripts/benchmark.py', '--quick', '--repeats', '1', '--only', 'matmul',
+    r = subprocess.run([sys.executable, SCRIPT, '--quick', '--repeats', '1', '--only', 'matmul',
                         '--json', str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
