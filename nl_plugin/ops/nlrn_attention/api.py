@@ -52,7 +52,7 @@ def _run_global(kernel, q, k, v):
 
 
 def _run_window(kernel, q, k, v, window_size, border, normalization, prev_logits, return_logits, layout):
-    """Run a window kernel; ``layout`` (IMAGE or BLOCKS) is that of the carried logits in and out."""
+    """Run a window kernel; ``layout`` is that of the window logits carried in and out (BLOCKS or IMAGE)."""
     if kernel is Kernel.MASKED_SDPA:
         return masked_window_sdpa(q, k, v, window_size, border)
     geo = window_geometry(q.shape[1], q.shape[2], window_size, border)
@@ -119,10 +119,10 @@ def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
     check_qkv(q, k, v)
     window_size = check_window_args(window_size, border, normalization)
     carried = None if state is None else state.layout
-    route = route_step(window_size=window_size, border=border, normalization=normalization,
-                       grad=requires_grad(q, k, v, *(() if state is None else (state.q, state.k, state.logits))),
-                       shape=tuple(q.shape[:3]),
-                       element_size=q.element_size(), device=q.device, carried=carried, propagate=propagate)
+    grad = requires_grad(q, k, v) if state is None else requires_grad(q, k, v, state.q, state.k, state.logits)
+    route = route_step(window_size=window_size, border=border, normalization=normalization, grad=grad,
+                       shape=tuple(q.shape[:3]), element_size=q.element_size(), device=q.device, carried=carried,
+                       propagate=propagate)
     if route.kernel is Kernel.DENSE_LOGITS:
         out, logits = dense_logits_step(q, k, v, None if state is None else state.logits, window_size, border,
                                         normalization)
@@ -135,12 +135,12 @@ def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
     else:
         windowed = (Layout.IMAGE, Layout.BLOCKS)
         prev = state.logits if carried in windowed else None
-        layout = carried if carried in windowed else route.carry if route.carry in windowed else Layout.IMAGE
         return_logits = route.carry in windowed
+        layout = carried if carried in windowed else route.carry     # of the window logits in and out
         out = _run_window(route.kernel, q, k, v, window_size, border, normalization, prev, return_logits, layout)
         if return_logits:
             out, logits = out
-            return out, CorrelationState(logits=logits, layout=layout)
+            return out, CorrelationState(logits=logits, layout=route.carry)
     return out, (CorrelationState(q=q, k=k) if propagate else None)
 
 
