@@ -36,7 +36,7 @@ def case_nlrn_tiled(size):
     def build(device, quick):
         from nl_plugin.ops.tiling import tile_starts, tiled_forward
         h, w = (size if not quick else (size[0] // 4, size[1] // 4))
-        net = _nlrn(device, nl_scope='patch')
+        net = _nlrn(device, nl_scope='global')
         n_tiles = len(tile_starts(h, 45, 7)) * len(tile_starts(w, 45, 7))
         # The whole tiled pass takes many minutes on a CPU: time a horizontal strip of whole rows of
         # tiles and scale by the tile count (tiles are independent and equally sized).
@@ -69,7 +69,7 @@ def case_train_iter(kind):
         from basicsr.losses import build_loss
         if kind == 'nlrn':
             from nl_plugin.archs.nlrn_arch import NLRN
-            net, shape = NLRN(nl_scope='patch'), (16, 1, 43, 43)
+            net, shape = NLRN(nl_scope='global'), (16, 1, 43, 43)
         else:
             from nl_plugin.archs.n3net_arch import N3Net
             net, shape = N3Net(), (32, 1, 80, 80)
@@ -95,7 +95,7 @@ CASES = {
     'matmul_fp32': ('fp32 matmul rate of this machine', case_matmul),
     'nlrn_window_481x321': ('NLRN window scope (q=45, T=12), 481x321', case_nlrn_window((321, 481))),
     'nlrn_window_1024x768': ('NLRN window scope (q=45, T=12), 1024x768', case_nlrn_window((768, 1024))),
-    'nlrn_tiled_481x321': ('NLRN official protocol (patch scope, 45x45 tiles, stride 7), 481x321',
+    'nlrn_tiled_481x321': ('NLRN official protocol (global scope, 45x45 tiles, stride 7), 481x321',
                            case_nlrn_tiled((321, 481))),
     'n3net_481x321': ('N3Net (official denoiser), 481x321', case_n3net((321, 481))),
     'n3net_1024x768': ('N3Net (official denoiser), 1024x768', case_n3net((768, 1024))),

@@ -19,7 +19,7 @@ def window_fwd(impl, spread=False):
     ``spread`` the logits have a standard deviation of about 32 (peaked attention, as trained)
     instead of 0.08."""
     def build(device, quick):
-        from nl_plugin.ops import windowed_attention as wa
+        from nl_plugin.ops import nlrn_attention as wa
         h, w = (321, 481) if not quick else (80, 120)
         q, k, v = _qkv(1, h, w, 64, 128, device)
         if spread:
@@ -34,10 +34,10 @@ def window_fwd(impl, spread=False):
 
 
 def train_size(impl, window_size=None):
-    """Attention at NLRN's training size (batch 16, 43x43, 64/128 ch), forward + backward: patch scope
+    """Attention at NLRN's training size (batch 16, 43x43, 64/128 ch), forward + backward: global scope
     (window_size None: the whole patch) or the q x q window scope."""
     def build(device, quick):
-        from nl_plugin.ops import windowed_attention as wa
+        from nl_plugin.ops import nlrn_attention as wa
         b = 16 if not quick else 4
         q, k, v = _qkv(b, 43, 43, 64, 128, device, grad=True)
         if impl == 'dense':
@@ -74,8 +74,8 @@ OP_CASES = {
     'op_window_fwd_481x321': ('windowed attention op (fast), one step, 481x321', window_fwd('fast')),
     'op_window_fwd_spread_481x321': ('windowed attention op (fast), one step, 481x321, widely spread logits',
                                      window_fwd('fast', spread=True)),
-    'op_train_fast_fwdbwd': ('patch-scope attention (fast: SDPA), batch 16 of 43x43, fwd+bwd', train_size('fast')),
-    'op_train_dense_fwdbwd': ('patch-scope attention, dense reference, batch 16 of 43x43, fwd+bwd',
+    'op_train_fast_fwdbwd': ('global-scope attention (fast: SDPA), batch 16 of 43x43, fwd+bwd', train_size('fast')),
+    'op_train_dense_fwdbwd': ('global-scope attention, dense reference, batch 16 of 43x43, fwd+bwd',
                               train_size('dense')),
     'op_train_win_fast_fwdbwd': ('window attention q=45 (fast: masked SDPA), batch 16 of 43x43, fwd+bwd',
                                  train_size('fast', 45)),
