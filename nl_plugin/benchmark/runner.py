@@ -119,6 +119,10 @@ def ratios(results):
     add('training-size attention: dense reference / fast, time', 'op_train_dense_fwdbwd', 'op_train_fast_fwdbwd')
     add('training-size attention: dense reference / fast, memory added by the run',
         'op_train_dense_fwdbwd', 'op_train_fast_fwdbwd', 'extra_mem_gb')
+    add('NLRN training-size attention, 12 propagated steps: dense reference / routed, time',
+        'op_train_nlrn_dense_fwdbwd', 'op_train_nlrn_fwdbwd')
+    add('NLRN training-size attention, 12 propagated steps: dense reference / routed, memory added by the run',
+        'op_train_nlrn_dense_fwdbwd', 'op_train_nlrn_fwdbwd', 'extra_mem_gb')
     add('training-size window attention (q=45): dense / fast, time', 'op_train_win_dense_fwdbwd',
         'op_train_win_fast_fwdbwd')
     add('training-size window attention (q=45): dense / fast, memory added by the run',
