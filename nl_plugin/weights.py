@@ -70,6 +70,18 @@ def arch_from_opt(net_opt):
     return spec
 
 
+def pipeline_from_opt(opt):
+    """How RestorationModel calls the network, from a BasicSR option dict: ``residual_learning`` and, where
+    a dataset names it, the colour mode the network was trained on (``gray``, ``y`` or ``rgb``)."""
+    out = {'residual_learning': bool(opt.get('residual_learning', False))}
+    for ds in (opt.get('datasets') or {}).values():
+        color = 'y' if ds.get('y_only') else ds.get('color')
+        if color in ('gray', 'y', 'rgb'):
+            out['color'] = color
+            break
+    return out
+
+
 def _write_file(path, data):
     with open(path, 'wb') as f:
         f.write(data)
