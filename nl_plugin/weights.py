@@ -192,6 +192,25 @@ def _read_safetensors(path):
     return dicts, arch, pipeline
 
 
+def read_all(path):
+    """Every state dict of a weight file with its metadata.
+
+    Returns:
+        tuple[dict[str, dict], dict | None, dict]: ``{param_key: state_dict}`` (``module.`` prefixes
+        removed), the arch spec (None if the file has none) and the pipeline options.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f'{path}: no such weight file')
+    reader = _read_safetensors if format_of(path) == 'safetensors' else _read_pth
+    dicts, arch, pipeline = reader(path)
+    if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get('type'), str)):
+        raise WeightsError(f'{path}: bad "{ARCH_KEY}" entry {arch!r} (expected {{"type": NAME, ...}})')
+    dicts = {pk: {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in sd.items()}
+             for pk, sd in dicts.items()}
+    return dicts, arch, dict(pipeline)
+
+
 def read_weights(path, param_key=None):
     """Read a weight file of either format.
 
@@ -201,22 +220,15 @@ def read_weights(path, param_key=None):
             one (the weights BasicSR averages for inference), else ``params``.
 
     Returns:
-        Weights: the state dict (``module.`` prefixes removed), arch spec (None if the file has none),
-        pipeline options, parameter key and path.
+        Weights: the state dict, arch spec (None if the file has none), pipeline options, parameter
+        key and path.
     """
-    path = str(path)
-    if not os.path.isfile(path):
-        raise WeightsError(f'{path}: no such weight file')
-    reader = _read_safetensors if format_of(path) == 'safetensors' else _read_pth
-    dicts, arch, pipeline = reader(path)
+    dicts, arch, pipeline = read_all(path)
     if param_key is None:
         param_key = 'params_ema' if 'params_ema' in dicts else next(iter(dicts))
     if param_key not in dicts:
         raise WeightsError(f'{path}: no parameter key {param_key!r}; the file has {sorted(dicts)}')
-    sd = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in dicts[param_key].items()}
-    if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get('type'), str)):
-        raise WeightsError(f'{path}: bad "{ARCH_KEY}" entry {arch!r} (expected {{"type": NAME, ...}})')
-    return Weights(sd, arch, dict(pipeline), param_key, path)
+    return Weights(dicts[param_key], arch, pipeline, param_key, str(path))
 
 
 def mismatch_report(net, state_dict, limit=8):
@@ -298,5 +310,5 @@ def load_network(path, arch_type=None, arch_opt=None, param_key=None):
     return net.eval(), spec, weights
 
 
-__all__ = ['save_weights', 'read_weights', 'load_network', 'build_network', 'resolve_arch', 'arch_from_opt',
+__all__ = ['save_weights', 'read_weights', 'read_all', 'load_network', 'build_network', 'resolve_arch', 'arch_from_opt',
            'mismatch_report', 'check_save_format', 'to_bytes', 'Weights', 'WeightsError']
