@@ -25,6 +25,12 @@ setup(
     extras_require={
         # Only needed to read official NLRN TF1 checkpoints (scripts/convert_nlrn_tf.py).
         'convert': ['tensorflow-cpu'],
+        # Weight files in .safetensors (path:save_format, scripts/convert_weights.py, basicsr infer).
+        'safetensors': ['safetensors'],
+        # Loading nl_plugin weight files through spandrel / chaiNNer (nl_plugin.spandrel_support).
+        'spandrel': ['spandrel', 'safetensors'],
+        # scripts/export_onnx.py and its onnxruntime check.
+        'onnx': ['onnx', 'onnxscript', 'onnxruntime'],
     },
     entry_points={'console_scripts': ['basicsr = nl_plugin.cli:main']},
 )
