@@ -22,6 +22,16 @@ from nl_plugin.arch_detect import detect_arch
 _PREFIX = 'nl_plugin.'
 
 
+def _unwrap(state_dict):
+    """The inference weights of a training checkpoint in safetensors that holds several state dicts
+    (keys prefixed by BasicSR's parameter key, see :mod:`nl_plugin.weights`): ``params_ema``, else ``params``."""
+    for key in ('params_ema', 'params'):
+        inner = {k[len(key) + 1:]: v for k, v in state_dict.items() if k.startswith(key + '.')}
+        if inner and all(k.startswith(('params.', 'params_ema.')) for k in state_dict):
+            return inner
+    return state_dict
+
+
 def _spec_of(state_dict, arch_type):
     spec = detect_arch(state_dict)
     return spec if spec is not None and spec['type'] == arch_type else None
@@ -38,6 +48,7 @@ class _NLPluginArch(Architecture):
         super().__init__(id=_PREFIX + self.arch_type, name=self.arch_type, detect=self._detect)
 
     def _detect(self, state_dict):
+        state_dict = _unwrap(state_dict)
         return all(k in state_dict for k in self.keys) and _spec_of(state_dict, self.arch_type) is not None
 
     def spec(self, state_dict):
@@ -46,6 +57,7 @@ class _NLPluginArch(Architecture):
     def load(self, state_dict):
         import nl_plugin  # noqa: F401  (registers the archs)
         from basicsr.utils.registry import ARCH_REGISTRY
+        state_dict = _unwrap(state_dict)
         spec = self.spec(state_dict)
         kwargs = {k: v for k, v in spec.items() if k != 'type'}
         model = ARCH_REGISTRY.get(spec['type'])(**kwargs)
@@ -94,8 +106,8 @@ def register(registry=None):
     """
     registry = spandrel.MAIN_REGISTRY if registry is None else registry
     others = tuple(a.architecture.id for a in registry.architectures() if not a.architecture.id.startswith(_PREFIX))
-    return registry.add(*(ArchSupport.from_architecture(cls(), before=others) for cls in (NLRNArch, N3NetArch, DnCNNArch)),
-                        ignore_duplicates=True)
+    entries = [ArchSupport.from_architecture(cls(), before=others) for cls in (NLRNArch, N3NetArch, DnCNNArch)]
+    return registry.add(*entries, ignore_duplicates=True)
 
 
 __all__ = ['register', 'NLRNArch', 'N3NetArch', 'DnCNNArch']
