@@ -202,7 +202,7 @@ class Restorer:
         for plane in planes:
             x = torch.from_numpy(np.ascontiguousarray(plane.transpose(2, 0, 1)))[None].to(self.device)
             outs.append(self._forward(x, tile)[0].permute(1, 2, 0).cpu().numpy())
-        return merge(outs, self.out_scale)
+        return merge(outs, self.net_scale)     # the planes were upsampled by pre_scale already
 
 
 def plan_outputs(inputs, args):
