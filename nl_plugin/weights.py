@@ -176,7 +176,7 @@ def _read_safetensors(path):
     try:
         with safe_open(path, framework='pt', device='cpu') as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is no dict)
     except Exception as err:  # noqa: BLE001
         raise WeightsError(f'{path}: cannot be read as a safetensors file ({err})') from None
     try:

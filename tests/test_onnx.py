@@ -58,7 +58,7 @@ def test_dynamic_size_export(tmp_path, export_onnx, capsys, spec):
 
 def test_n3net_exports_at_a_fixed_size(tmp_path, export_onnx):
     pytest.importorskip('onnxscript')
-    net, path = write_model(tmp_path, {'type': 'N3Net', 'num_feat': 4, 'depth': 2, 'embed_feat': 4, 'k': 2,
+    net, _ = write_model(tmp_path, {'type': 'N3Net', 'num_feat': 4, 'depth': 2, 'embed_feat': 4, 'k': 2,
                                        'num_inter_ch': 2, 'num_stages': 2})
     out = str(tmp_path / 'n3.onnx')
     model = export_onnx._Pipeline(net, False).eval()
