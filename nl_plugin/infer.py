@@ -65,8 +65,7 @@ def build_parser(parser=None):
     p.add_argument('--tile-batch', type=int, default=1, metavar='N', help='tiles per network call (default: 1)')
     p.add_argument('--color', choices=image_io.COLOR_MODES,
                    help='colour photo into a 1-channel network: gray (output gray), y (restore Y, keep Cb/Cr) or '
-                        'rgb (each channel in turn). Default: the training colour stored in the file, else y with '
-                        '--scale and rgb without')
+                        'rgb (each channel in turn). Default: y with --scale or for a Y-trained model, else rgb')
     p.add_argument('--precision', choices=('auto', 'fp32', 'bf16'), default='auto',
                    help='bf16 autocast; auto = bf16 where the CPU has AMX/avx512_bf16 or the GPU supports it')
     p.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda or cuda:N')
@@ -113,8 +112,10 @@ def auto_tile(spec, h, w):
     """Default (size, overlap) for an image of h x w under the arch spec, or None for one pass."""
     kind = spec['type']
     if kind == 'NLRN':
-        if spec.get('nl_scope') == 'window':
+        if spec.get('nl_scope') == 'window' and spec.get('border', 'exclude') == 'exclude':
             return (2048, 128) if min(h, w) > 2048 else None
+        if spec.get('nl_scope') == 'window':     # circular border: no streaming, logits of the whole image
+            return (512, 128) if max(h, w) > 512 else None
         return 45, 22   # global scope: the attention extent it was trained on (official protocol: 45:38)
     if max(h, w) <= 1024:
         return None
