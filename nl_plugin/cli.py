@@ -2,6 +2,7 @@
 
     basicsr train -opt options/train_nlrn_denoise.yml [--auto_resume] [--debug] [--force_yml k:k=v ...]
     basicsr test  -opt options/test_nlrn_denoise.yml
+    basicsr infer --model net_g_latest.pth --input photos/ --output restored/
     torchrun --nproc_per_node=2 $(which basicsr) train -opt X.yml --launcher pytorch
 
 Outputs go to ``experiments/<name>`` (train) and ``results/<name>`` (test) under ``--root_path``
@@ -19,8 +20,9 @@ subcommands:
           training states go to <root_path>/experiments/<name>/, resumable with --auto_resume
   test    evaluate a network from a YAML option file (BasicSR's test pipeline); images, logs and a
           per-image metrics CSV go to <root_path>/results/<name>/
+  infer   run a trained network on your own images (no ground truth) from its weight file
 
-Run 'basicsr train -h' or 'basicsr test -h' for the flags."""
+Run 'basicsr train -h', 'basicsr test -h' or 'basicsr infer -h' for the flags."""
 
 
 def _subparser(sub, name, help_text):
@@ -43,9 +45,12 @@ def _subparser(sub, name, help_text):
 def build_parser():
     parser = argparse.ArgumentParser(prog='basicsr', description=_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='command', metavar='{train,test}')
+    sub = parser.add_subparsers(dest='command', metavar='{train,test,infer}')
     _subparser(sub, 'train', 'train a network with BasicSR (nl_plugin loaded)')
     _subparser(sub, 'test', 'test a network with BasicSR (nl_plugin loaded)')
+    from nl_plugin.infer import build_parser as infer_parser
+    infer_help = 'run a trained network on your own images (no ground truth)'
+    infer_parser(sub.add_parser('infer', help=infer_help, description=infer_help))
     return parser
 
 
@@ -70,6 +75,9 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == 'infer':
+        from nl_plugin.infer import main as infer_main
+        return infer_main(args=args)
     if not os.path.isfile(args.opt):
         parser.error(f'-opt: option file {args.opt!r} does not exist')
     root_path = os.path.abspath(args.root_path or os.getcwd())

@@ -33,9 +33,10 @@ from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.color_util import ycbcr2bgr
-from basicsr.utils.dist_util import get_dist_info
+from basicsr.utils.dist_util import get_dist_info, master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from nl_plugin import weights
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
 
 _TRAIN_KEYS = {'total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt',
@@ -89,6 +90,7 @@ class RestorationModel(SRModel):
                 _check_keys(tile, _TILE_KEYS, 'val:tile')
                 if int(tile.get('size', 0)) <= 0:
                     raise ValueError(f'val:tile:size must be a positive integer, got {tile.get("size")!r}')
+        weights.check_save_format((opt.get('path') or {}).get('save_format'))
 
     @staticmethod
     def _first_layer_channels(net):
@@ -330,6 +332,37 @@ class RestorationModel(SRModel):
             if means:
                 writer.writerow({'image': 'MEAN', **{k: f'{v:.4f}' for k, v in means.items()}})
         get_root_logger().info(f'Per-image metrics written to {path}')
+
+    # ------------------------------------------------------------------ weight files
+    @master_only
+    def save_network(self, net, net_label, current_iter, param_key='params'):
+        """BasicSR's checkpoint plus the network's ``arch`` spec, as ``.pth`` or ``path:save_format: safetensors``."""
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        ext = weights.check_save_format(self.opt['path'].get('save_format'))
+        name = f'{net_label}_{"latest" if current_iter == -1 else current_iter}{ext}'
+        net_opt = self.opt.get(net_label.replace('net_', 'network_', 1))
+        weights.save_weights({k: self.get_bare_model(n).state_dict() for n, k in zip(nets, keys)},
+                             osp.join(self.opt['path']['models'], name),
+                             arch=weights.arch_from_opt(net_opt) if net_opt else None,
+                             pipeline=weights.pipeline_from_opt(self.opt))
+
+    def load_network(self, net, load_path, strict=True, param_key='params'):
+        """BasicSR's loader, which also reads ``.safetensors`` (also where a resume names the ``.pth`` sibling)."""
+        stem, ext = osp.splitext(load_path)
+        if ext != '.safetensors' and not osp.exists(load_path) and osp.exists(stem + '.safetensors'):
+            load_path = stem + '.safetensors'
+        if not load_path.endswith('.safetensors'):
+            return super().load_network(net, load_path, strict, param_key)
+        net = self.get_bare_model(net)
+        try:
+            state = weights.read_weights(load_path, param_key)
+        except weights.WeightsError:  # BasicSR: a file without params_ema loads params
+            state = weights.read_weights(load_path, 'params')
+        get_root_logger().info(f'Loading {net.__class__.__name__} model from {load_path}, '
+                               f'with param key: [{state.param_key}].')
+        self._print_different_keys_loading(net, state.state_dict, strict)
+        net.load_state_dict(state.state_dict, strict=strict)
 
     def save(self, epoch, current_iter):
         if self._pbar is not None and current_iter == -1:
