@@ -8,15 +8,22 @@ Every image directly inside INPUT_FOLDER is stored PNG-encoded under its name wi
 per image. Images may have different sizes: the LMDB map size is computed from all encoded images
 (BasicSR's ``make_lmdb_from_imgs`` guesses it from the first image only). An existing output is never
 overwritten.
+
+Every file is decoded the way the datasets decode bytes (``cv2.imdecode``, which refuses a truncated JPEG
+that ``cv2.imread`` would fill with grey rows), and the stored PNG is decoded back and compared with it.
+The LMDB is written into a temporary folder next to OUTPUT and renamed to OUTPUT only when complete, so
+an interrupted run leaves no OUTPUT behind.
 """
 import argparse
 import os
 import os.path as osp
+import shutil
 import sys
+import tempfile
 
 import cv2
+import numpy as np
 from tqdm import tqdm
-
 
 
 def _imports():
@@ -77,34 +84,65 @@ def create_lmdb(input_folder, lmdb_path, compress_level=1, gray=False, progress=
                          'LMDB keys would collide')
 
     # pass 1: read and encode everything, to size the map from the real encoded bytes
-    encoded = []
-    for name, key in tqdm(list(zip(names, keys)), desc='encode', unit='img', disable=not progress):
-        path = osp.join(input_folder, name)
-        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise ValueError(f'cannot read image {path!r} (corrupt or not an image file)')
-        if img.ndim == 3 and img.shape[2] == 4:
-            img = img[:, :, :3]
-        if gray and img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-        ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
-        if not ok:
-            raise ValueError(f'cannot PNG-encode image {path!r}')
-        h, w = img.shape[:2]
-        c = 1 if img.ndim == 2 else img.shape[2]
-        encoded.append((key, buf.tobytes(), (h, w, c)))
-
+    encoded = [(key, *_encode(osp.join(input_folder, name), gray, compress_level))
+               for name, key in tqdm(list(zip(names, keys)), desc='encode', unit='img', disable=not progress)]
     total = sum(len(b) for _, b, _ in encoded)
     # values are stored in overflow pages (4 KiB each) + B-tree pages per key; generous head room
     map_size = int(total * 1.5) + 16 * 1024 * len(encoded) + 64 * 1024 ** 2
-    os.makedirs(osp.dirname(osp.abspath(lmdb_path)), exist_ok=True)
-    maker = LmdbMaker(lmdb_path, map_size=map_size, compress_level=compress_level)
+    parent = osp.dirname(osp.abspath(lmdb_path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{osp.basename(lmdb_path)}.', suffix='.lmdb', dir=parent)
     try:
-        for key, data, shape in tqdm(encoded, desc='write', unit='img', disable=not progress):
-            maker.put(data, key, shape)
-    finally:
-        maker.close()
+        os.rmdir(tmp)  # LmdbMaker creates the folder itself and refuses an existing one
+        maker = LmdbMaker(tmp, map_size=map_size, compress_level=compress_level)
+        try:
+            for key, data, shape in tqdm(encoded, desc='write', unit='img', disable=not progress):
+                maker.put(data, key, shape)
+        finally:
+            maker.close()
+        for name in os.listdir(tmp):
+            _fsync(osp.join(tmp, name))
+        os.rename(tmp, lmdb_path)  # fails rather than replace an output that appeared meanwhile
+        _fsync(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return keys
+
+
+def _encode(path, gray, compress_level):
+    """Decode ``path`` as the datasets will, PNG-encode it, and check the stored bytes decode to the same pixels.
+
+    Returns:
+        tuple: (PNG bytes, (h, w, c)).
+    """
+    with open(path, 'rb') as f:
+        raw = np.frombuffer(f.read(), np.uint8)
+    img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    if img is None:
+        raise ValueError(f'cannot decode image {path!r} (corrupt, truncated or not an image file)')
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if gray and img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
+    if not ok:
+        raise ValueError(f'cannot PNG-encode image {path!r}')
+    back = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if back is None or back.shape != img.shape or not np.array_equal(back, img):
+        raise ValueError(f'image {path!r} does not survive a PNG round trip ({img.dtype}, shape {img.shape})')
+    h, w = img.shape[:2]
+    return buf.tobytes(), (h, w, 1 if img.ndim == 2 else img.shape[2])
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def main(argv=None):
@@ -116,7 +154,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         keys = create_lmdb(args.input_folder, args.output, args.compress_level, args.gray)
-    except (FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # FileExistsError is an OSError
         print(f'create_lmdb: error: {e}', file=sys.stderr)
         return 2
     print(f'Wrote {len(keys)} images to {args.output} (keys listed in {osp.join(args.output, "meta_info.txt")})')
