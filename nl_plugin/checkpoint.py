@@ -114,7 +114,7 @@ def safe_load(path, key='weights'):
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if 'Unsupported' in ln), lines[0] if lines else 'refused')
+        why = next((ln for ln in lines if 'unsupported' in ln.lower()), lines[0] if lines else 'refused')
         raise ValueError(f'{key}: {path!r} is not a plain weights file and is refused (it holds Python objects '
                          f'that torch.load(weights_only=True) does not unpickle: {why})') from None
 

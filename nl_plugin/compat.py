@@ -4,7 +4,6 @@
 file is edited: each fix rebinds one attribute, and the comment above it names the BasicSR behaviour
 it corrects. Keep this module the only place that knows about BasicSR's quirks.
 """
-import collections
 import difflib
 import importlib
 import inspect

@@ -78,7 +78,10 @@ def _check_registry_entry(registry, entry, where, positional=0):
     if not isinstance(entry, dict) or 'type' not in entry:
         raise KeyError(f'{where}: needs a "type", got {entry!r}')
     kwargs = {k: v for k, v in entry.items() if k not in ('type', 'better')}
-    obj = registry.get(entry['type'])
+    try:
+        obj = registry.get(entry['type'])
+    except KeyError as err:
+        raise KeyError(f'{where}: {err.args[0]}') from None
     check_kwargs(obj, kwargs, f'{where} ({entry["type"]})', positional=positional)
 
 
