@@ -106,7 +106,35 @@ def atomic_torch_save(obj, path):
 
         atomic_write(path, write_half_and_die)
         return
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: _torch_save(obj, f))
+
+
+class _WriteRecorder:
+    """File wrapper that keeps the first ``OSError`` of ``write``: torch's zip writer replaces it by a
+    RuntimeError ("unexpected pos ...") that does not say the disk is full."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def _torch_save(obj, f):
+    rec = _WriteRecorder(f)
+    try:
+        torch.save(obj, rec)
+    except RuntimeError:
+        if rec.error is not None:
+            raise rec.error from None
+        raise
 
 
 def remove_stale_temp_files(folder):

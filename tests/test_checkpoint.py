@@ -82,3 +82,21 @@ def test_crafted_pretrained_file_is_refused_even_when_torch_is_told_otherwise(tm
                                          r"makedirs"):
         build_model(opt)
     assert not marker.exists()
+
+
+def test_full_disk_names_the_cause_for_a_large_checkpoint(tmp_path):
+    """torch's zip writer hides the OSError of a failing write behind 'unexpected pos'; it is reported as is."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip('mounting a tmpfs needs root')
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(disk)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip('cannot mount a tmpfs here')
+    try:
+        with pytest.raises(WriteError, match=r"cannot write '.*big\.pth': OSError: \[Errno 28\] No space left"):
+            atomic_torch_save({'w': torch.zeros(100_000)}, disk / 'big.pth')
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(['umount', str(disk)], capture_output=True, check=False)
