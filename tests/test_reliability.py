@@ -152,7 +152,8 @@ def _mount_tmpfs(path, size):
 
 def test_full_disk_stops_with_error_naming_the_file(data, tmp_path):
     disk = tmp_path / 'disk'
-    _mount_tmpfs(disk, '160k')  # room for the log and a few iterations' checkpoints (~13 KiB each on tmpfs)
+    # 40 pages: the log, the option file and a few iterations' checkpoints (2 small files each) fit, 200 do not
+    _mount_tmpfs(disk, 40 * os.sysconf('SC_PAGE_SIZE'))
     try:
         opt = write_opt(data, 'full', total_iter=200, val=None)
         r = run([basicsr_cmd(), 'train', '-opt', str(opt), '--root_path', str(disk)], data)
