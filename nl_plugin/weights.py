@@ -19,6 +19,7 @@ callable (default: a plain file write) so that the caller chooses how they reach
 import io
 import json
 import os
+import pickle
 from collections import namedtuple
 
 import torch
@@ -150,12 +151,23 @@ def save_weights(params, path, arch=None, pipeline=None, fmt=None, write=None):
     return str(path)
 
 
-def _read_pth(path):
+def safe_torch_load(path, map_location='cpu'):
+    """``torch.load(path, weights_only=True)``, passed explicitly so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
+    cannot turn it off; a refused or unreadable file is a :class:`WeightsError` naming it."""
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # noqa: BLE001  (pickle/zip errors come in many types)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if 'unsupported' in ln.lower()), lines[0] if lines else 'refused')
+        raise WeightsError(f'{path!r} is not a plain weights file and is refused (it holds Python objects that '
+                           f'torch.load(weights_only=True) does not unpickle: {why})') from None
+    except Exception as err:  # noqa: BLE001  (zip/EOF errors of a torn or foreign file come in many types)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(f'{path}: cannot be read as a PyTorch weight file ({first})') from None
+
+
+def _read_pth(path):
+    obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise WeightsError(f'{path}: holds a {type(obj).__name__}, not a state dict')
     dicts = {k: v for k, v in obj.items() if k in PARAM_KEYS or (isinstance(v, dict) and k.startswith('params'))}

@@ -14,7 +14,7 @@ import yaml
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
 
 from conftest import ROOT
-from nl_plugin.compat import check_kwargs
+from nl_plugin.config_checks import check_kwargs
 
 OPTION_FILES = sorted(glob.glob(os.path.join(ROOT, 'options', '*.yml')))
 

@@ -86,7 +86,7 @@ class Payload:
 def test_pickled_objects_are_refused(tmp_path):
     path = str(tmp_path / 'unsafe.pth')
     torch.save({'params': build(NLRN_SPEC).state_dict(), 'extra': Payload()}, path)
-    with pytest.raises(weights.WeightsError, match='unsafe.pth: cannot be read'):
+    with pytest.raises(weights.WeightsError, match=r"unsafe\.pth' is not a plain weights file and is refused"):
         weights.read_weights(path)
 
 

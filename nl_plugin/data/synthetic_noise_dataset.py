@@ -96,9 +96,9 @@ class SyntheticNoiseDataset(data.Dataset):
         if 'sigma' in opt and 'sigma_range' in opt:
             raise ValueError(f'{name}: give either sigma or sigma_range, not both')
         if 'sigma_range' in opt:
-            self.sigma = as_range(opt['sigma_range'], 'sigma_range', name, allow_scalar=False)
+            self.sigma = as_range(opt['sigma_range'], 'sigma_range', name, allow_scalar=False, high=255)
         else:
-            self.sigma = as_range(opt.get('sigma', 25), 'sigma', name)
+            self.sigma = as_range(opt.get('sigma', 25), 'sigma', name, high=255)  # std on the 0-255 scale
         self.noise_seed = int(opt.get('noise_seed', 0))
         self.clip = bool(opt.get('clip', False))
 

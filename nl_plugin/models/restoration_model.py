@@ -8,6 +8,8 @@ YAML (besides everything ``SRModel`` reads)::
       scheduler: {type: ExponentialDecayLR, lr_end: 1e-8}     # or any BasicSR scheduler
       grad_clip: {mode: per_tensor, max_norm: 2.5}            # or mode: global_norm
       progress_bar: true                                      # tqdm bar on rank 0
+      ema_decay: 0.999              # also validate/save an EMA of the weights and BN statistics
+      nan_policy: stop              # or skip: a step with a non-finite loss or gradient is not applied
     val:
       self_ensemble: false          # x8 flips/rotations (NLRN-MV)
       tile: {size: 45, stride: 7, batch: 100}                 # or {size, overlap, batch}
@@ -33,17 +35,23 @@ from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.color_util import ycbcr2bgr
-from basicsr.utils.dist_util import get_dist_info, master_only
+from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from nl_plugin import weights
+from nl_plugin.compat import broadcast_buffers
+from nl_plugin.fileio import atomic_write
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
 
 _TRAIN_KEYS = {'total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt',
-               'grad_clip', 'progress_bar'}
+               'grad_clip', 'progress_bar', 'nan_policy'}
 _VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'self_ensemble', 'tile'}
 _TILE_KEYS = {'size', 'stride', 'overlap', 'batch'}
 _CLIP_MODES = ('global_norm', 'per_tensor')
+_OPTIMIZERS = ('Adam', 'AdamW', 'SGD', 'RMSprop')
+_NAN_POLICIES = ('stop', 'skip')
+#: nan_policy: skip gives up after this many skipped steps in a row (the run is not recovering).
+MAX_SKIPPED_STEPS = 100
 
 
 def _check_keys(section, allowed, where):
@@ -71,10 +79,12 @@ class RestorationModel(SRModel):
     @staticmethod
     def validate_options(opt):
         """Raise ``KeyError``/``ValueError`` naming any unknown or bad ``train``/``val`` option."""
+        weights.check_save_format((opt.get('path') or {}).get('save_format'))
         if opt.get('is_train'):
             if 'train' not in opt:
                 raise KeyError('option "train" is missing')
             _check_keys(opt['train'], _TRAIN_KEYS, 'train')
+            RestorationModel._validate_solver(opt['train'])
             clip = opt['train'].get('grad_clip')
             if clip is not None:
                 _check_keys(clip, {'mode', 'max_norm'}, 'train:grad_clip')
@@ -90,7 +100,24 @@ class RestorationModel(SRModel):
                 _check_keys(tile, _TILE_KEYS, 'val:tile')
                 if int(tile.get('size', 0)) <= 0:
                     raise ValueError(f'val:tile:size must be a positive integer, got {tile.get("size")!r}')
-        weights.check_save_format((opt.get('path') or {}).get('save_format'))
+
+    @staticmethod
+    def _validate_solver(train):
+        """Optimizer, scheduler, EMA and NaN policy options: one error naming the key."""
+        from nl_plugin.config_checks import check_optimizer, check_scheduler
+        check_optimizer(train.get('optim_g'), _OPTIMIZERS, ignore=('no_weight_decay',))
+        sched = train.get('scheduler')
+        if isinstance(sched, dict) and sched.get('type') == 'ExponentialDecayLR':
+            _check_keys(sched, {'type', 'lr_end', 'decay_iter'}, 'train:scheduler')
+            if 'lr_end' not in sched:
+                raise KeyError('train:scheduler: ExponentialDecayLR needs lr_end')
+        elif sched is not None:
+            check_scheduler(sched, extra=('ExponentialDecayLR',))
+        decay = train.get('ema_decay', 0)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(f'train:ema_decay must be a number in [0, 1) (0 = no EMA), got {decay!r}')
+        if train.get('nan_policy', 'stop') not in _NAN_POLICIES:
+            raise ValueError(f'train:nan_policy must be one of {_NAN_POLICIES}, got {train.get("nan_policy")!r}')
 
     @staticmethod
     def _first_layer_channels(net):
@@ -120,9 +147,8 @@ class RestorationModel(SRModel):
         self.optimizers.append(self.optimizer_g)
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
-        supported = ('Adam', 'AdamW', 'SGD', 'RMSprop')
-        if optim_type not in supported:
-            raise ValueError(f'train:optim_g:type must be one of {supported}, got {optim_type!r}')
+        if optim_type not in _OPTIMIZERS:
+            raise ValueError(f'train:optim_g:type must be one of {_OPTIMIZERS}, got {optim_type!r}')
         return getattr(torch.optim, optim_type)(params, lr, **kwargs)
 
     def setup_schedulers(self):
@@ -190,8 +216,15 @@ class RestorationModel(SRModel):
                 if val is not None:
                     l_total = l_total + val
                     loss_dict[key] = val
-        self._check_finite(l_total, current_iter)
+        skip = self.opt['train'].get('nan_policy', 'stop') == 'skip'
+        if not self._loss_is_finite(l_total, current_iter, stop=not skip):
+            self._skip_step(current_iter, 'loss', loss_dict)
+            return
         l_total.backward()
+        if skip and not all(bool(torch.isfinite(p.grad).all()) for p in self.net_g.parameters() if p.grad is not None):
+            self._skip_step(current_iter, 'gradient', loss_dict)  # DDP averaged them: every rank agrees
+            return
+        self._skipped = 0
         self._clip_gradients()
         self.optimizer_g.step()
         self.log_dict = self.reduce_loss_dict(loss_dict)
@@ -199,15 +232,29 @@ class RestorationModel(SRModel):
             self.model_ema(decay=self.ema_decay)
         self._update_progress(current_iter)
 
-    def _check_finite(self, loss, current_iter):
+    def _loss_is_finite(self, loss, current_iter, stop):
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
         if self.opt['dist']:
-            dist.all_reduce(bad)  # every rank must stop together, or the others hang in backward
-        if bad.item() > 0:
+            dist.all_reduce(bad)  # every rank must stop or skip together, or the others hang in backward
+        if bad.item() > 0 and stop:
             raise FloatingPointError(
                 f'iter {current_iter}: the training loss is not finite ({loss.item()}) on at least one '
                 f'process. Nothing was saved for this iteration; checkpoints already written in '
-                f'{self.opt["path"].get("models")} are kept. Lower train:optim_g:lr or add train:grad_clip.')
+                f'{self.opt["path"].get("models")} are kept. Lower train:optim_g:lr, add train:grad_clip, '
+                'or set train:nan_policy: skip.')
+        return bad.item() == 0
+
+    def _skip_step(self, current_iter, what, loss_dict):
+        """``nan_policy: skip``: drop this step's gradients; the weights, optimizer and EMA stay as they were."""
+        self.optimizer_g.zero_grad(set_to_none=True)
+        self._skipped = getattr(self, '_skipped', 0) + 1
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        get_root_logger().warning(f'iter {current_iter}: non-finite {what}; step skipped (train:nan_policy: skip, '
+                                  f'{self._skipped} in a row)')
+        if self._skipped >= MAX_SKIPPED_STEPS:
+            raise FloatingPointError(f'iter {current_iter}: {self._skipped} steps in a row had a non-finite loss or '
+                                     'gradient (train:nan_policy: skip); stopping. Lower train:optim_g:lr.')
+        self._update_progress(current_iter)
 
     def _update_progress(self, current_iter):
         if not self.opt['train'].get('progress_bar') or self.opt['rank'] != 0:
@@ -265,6 +312,8 @@ class RestorationModel(SRModel):
 
     def _validate(self, dataloader, current_iter, tb_logger, save_img):
         rank, world = get_dist_info() if self.opt['dist'] else (0, 1)
+        if world > 1:  # every rank validates with rank 0's BN statistics (rank 0 saves them)
+            broadcast_buffers(self.get_bare_model(self.net_g))
         dataset = dataloader.dataset
         dataset_name = dataset.opt['name']
         val_opt = self.opt['val']
@@ -323,7 +372,8 @@ class RestorationModel(SRModel):
         path = osp.join(self.opt['path']['results_root'], f'{dataset_name}_metrics.csv')
         os.makedirs(osp.dirname(path), exist_ok=True)
         fields = [k for k in rows[0] if k != 'index']
-        with open(path, 'w', newline='') as f:
+
+        def write(f):
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
             writer.writeheader()
             for r in rows:
@@ -331,38 +381,9 @@ class RestorationModel(SRModel):
             means = {k: sum(r[k] for r in rows) / len(rows) for k in fields if isinstance(rows[0][k], float)}
             if means:
                 writer.writerow({'image': 'MEAN', **{k: f'{v:.4f}' for k, v in means.items()}})
+
+        atomic_write(path, write, mode='w')
         get_root_logger().info(f'Per-image metrics written to {path}')
-
-    # ------------------------------------------------------------------ weight files
-    @master_only
-    def save_network(self, net, net_label, current_iter, param_key='params'):
-        """BasicSR's checkpoint plus the network's ``arch`` spec, as ``.pth`` or ``path:save_format: safetensors``."""
-        nets = net if isinstance(net, list) else [net]
-        keys = param_key if isinstance(param_key, list) else [param_key]
-        ext = weights.check_save_format(self.opt['path'].get('save_format'))
-        name = f'{net_label}_{"latest" if current_iter == -1 else current_iter}{ext}'
-        net_opt = self.opt.get(net_label.replace('net_', 'network_', 1))
-        weights.save_weights({k: self.get_bare_model(n).state_dict() for n, k in zip(nets, keys)},
-                             osp.join(self.opt['path']['models'], name),
-                             arch=weights.arch_from_opt(net_opt) if net_opt else None,
-                             pipeline=weights.pipeline_from_opt(self.opt))
-
-    def load_network(self, net, load_path, strict=True, param_key='params'):
-        """BasicSR's loader, which also reads ``.safetensors`` (also where a resume names the ``.pth`` sibling)."""
-        stem, ext = osp.splitext(load_path)
-        if ext != '.safetensors' and not osp.exists(load_path) and osp.exists(stem + '.safetensors'):
-            load_path = stem + '.safetensors'
-        if not load_path.endswith('.safetensors'):
-            return super().load_network(net, load_path, strict, param_key)
-        net = self.get_bare_model(net)
-        try:
-            state = weights.read_weights(load_path, param_key)
-        except weights.WeightsError:  # BasicSR: a file without params_ema loads params
-            state = weights.read_weights(load_path, 'params')
-        get_root_logger().info(f'Loading {net.__class__.__name__} model from {load_path}, '
-                               f'with param key: [{state.param_key}].')
-        self._print_different_keys_loading(net, state.state_dict, strict)
-        net.load_state_dict(state.state_dict, strict=strict)
 
     def save(self, epoch, current_iter):
         if self._pbar is not None and current_iter == -1:
