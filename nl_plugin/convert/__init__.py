@@ -1,0 +1,1 @@
+"""Converters from the official checkpoints to nl_plugin's parameter layout."""
