@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 from basicsr.models import build_model
+from conftest import ROOT
 from torch.nn import functional as F
 
-from conftest import ROOT
 from nl_plugin.archs.nlrn_arch import NLRN
 
 
@@ -130,9 +130,9 @@ def test_first_loss_of_default_nlrn_is_near_noise_variance(one_thread):
     assert ((out - noisy) * 255).abs().mean().item() < 10
 
 
-@pytest.mark.parametrize('kw, size', [(dict(nl_scope='patch'), (9, 11)),
-                                      (dict(nl_scope='window', window_size=5), (9, 11)),
-                                      (dict(nl_scope='window', window_size=5), (30, 9))])   # streamed bands
+@pytest.mark.parametrize('kw, size', [({}, (9, 11)),     # default scope: global attention
+                                      ({'nl_scope': 'window', 'window_size': 5}, (9, 11)),
+                                      ({'nl_scope': 'window', 'window_size': 5}, (30, 9))])   # streamed bands
 def test_img_range_scales_every_path(kw, size):
     """img_range 255 and 1 with rescaled weights give the same function in every forward path."""
     net255 = NLRN(num_feat=8, num_embed=4, num_steps=3, **kw).double()
