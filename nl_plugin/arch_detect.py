@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from nl_plugin.archs.nlrn_layout import MARKER
+
 _INT = re.compile(r'(\d+)')
 
 
@@ -45,6 +47,8 @@ def _nlrn(sd):
     spec = {'type': 'NLRN', 'num_in_ch': _shape(sd, 'conv_first.weight', 1),
             'num_out_ch': _shape(sd, 'conv_last.weight', 0), 'num_feat': _shape(sd, 'conv_first.weight', 0),
             'num_steps': len(steps)}
+    if MARKER in sd and not sd[MARKER].is_meta and float(sd[MARKER]) != 255.0:  # pixel range (nlrn_layout)
+        spec['img_range'] = float(sd[MARKER])
     theta, phi = 'nonlocal_blocks.0.theta.weight' in sd, 'nonlocal_blocks.0.phi.weight' in sd
     if theta:
         spec['num_embed'] = _shape(sd, 'nonlocal_blocks.0.theta.weight', 0)
@@ -110,6 +114,8 @@ def fits(spec, sd):
             own = ARCH_REGISTRY.get(spec['type'])(**kwargs).state_dict()
     except (KeyError, TypeError, ValueError):
         return False
+    if spec['type'] == 'NLRN' and MARKER not in sd:   # older NLRN files: the load hook converts them
+        own.pop(MARKER, None)
     return own.keys() == sd.keys() and all(tuple(v.shape) == tuple(sd[k].shape) for k, v in own.items())
 
 

@@ -88,15 +88,16 @@ def _check_registry_entry(registry, entry, where, positional=0):
     check_kwargs(obj, kwargs, f'{where} ({entry["type"]})', positional=positional)
 
 
-def check_optimizer(optim, supported=('Adam',), ignore=()):
-    """``train:optim_g``: a supported ``torch.optim`` type, its keys, and a positive ``lr``."""
+def check_optimizer(optim, supported, ignore=()):
+    """``train:optim_g``: a supported optimizer type (``supported`` maps names to classes), its keys, and a
+    positive ``lr``."""
     if not isinstance(optim, dict) or optim.get('type') not in supported:
         got = optim.get('type') if isinstance(optim, dict) else optim
         hint = difflib.get_close_matches(str(got), supported, n=1)
         raise ValueError(f'train:optim_g:type must be one of {tuple(supported)}, got {got!r}'
                          + (f' (did you mean {hint[0]!r}?)' if hint else ''))
     kwargs = {k: v for k, v in optim.items() if k not in ('type', *ignore)}
-    check_kwargs(getattr(torch.optim, optim['type']), kwargs, f'train:optim_g ({optim["type"]})', positional=1)
+    check_kwargs(supported[optim['type']], kwargs, f'train:optim_g ({optim["type"]})', positional=1)
     non_negative_number(optim, 'lr', 'train:optim_g')
 
 

@@ -55,14 +55,34 @@ def test_weight_decay_groups_exclude_biases(tmp_path):
 
 
 def test_exponential_decay_reaches_lr_end(tmp_path):
+    """lr_end is the lr after total_iter (= decay_iter) iterations: iteration 11 of a 10-iteration run."""
     model = build_model(make_opt(tmp_path, train={'scheduler': {'type': 'ExponentialDecayLR', 'lr_end': 1e-8}}))
     lrs = []
-    for it in range(1, 11):
+    for it in range(1, 12):
         model.update_learning_rate(it)
         lrs.append(model.get_current_learning_rate()[0])
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-8, rel=1e-6)
     ratios = [b / a for a, b in zip(lrs, lrs[1:])]
     assert max(ratios) == pytest.approx(min(ratios))
+
+
+def test_exponential_decay_per_epoch(tmp_path):
+    """decay_every: N3Net's lr = 1e-3 * 10^(-3e/50) in epoch e (here 2 iterations an epoch, 50 epochs)."""
+    model = build_model(make_opt(tmp_path, train={'total_iter': 100, 'scheduler': {
+        'type': 'ExponentialDecayLR', 'lr_end': 1e-6, 'decay_every': 2}}))
+    for it in range(1, 101):
+        model.update_learning_rate(it)
+        assert model.get_current_learning_rate()[0] == pytest.approx(1e-3 * 10**(-3 * ((it - 1) // 2) / 50), rel=1e-9)
+
+
+def test_value_clipping_divided_by_lr(tmp_path):
+    """VDSR's adjustable clipping: every gradient element within [-theta / lr, theta / lr]."""
+    model = build_model(make_opt(tmp_path, train={
+        'grad_clip': {'mode': 'value', 'max_value': 1e-6, 'divide_by_lr': True}, 'optim_g': {'type': 'SGD', 'lr': 0.01}}))
+    model.feed_data(batch())
+    model.optimize_parameters(1)
+    grads = torch.cat([p.grad.flatten() for p in model.net_g.parameters()])
+    assert grads.abs().max().item() == pytest.approx(1e-4, rel=1e-5)
 
 
 @pytest.mark.parametrize('mode', ['global_norm', 'per_tensor'])

@@ -4,9 +4,9 @@ YAML (besides everything ``SRModel`` reads)::
 
     residual_learning: false        # output = input + net(input), for archs that do not add it
     train:
-      optim_g: {type: Adam, lr: 1e-3, weight_decay: 1e-4, no_weight_decay: ['bias$']}
-      scheduler: {type: ExponentialDecayLR, lr_end: 1e-8}     # or any BasicSR scheduler
-      grad_clip: {mode: per_tensor, max_norm: 2.5}            # or mode: global_norm
+      optim_g: {type: Adam, lr: 1e-3, weight_decay: 1e-4, no_weight_decay: ['bias$']}  # TFAdam: TF1's eps
+      scheduler: {type: ExponentialDecayLR, lr_end: 1e-6, decay_every: 1600}   # or any BasicSR scheduler
+      grad_clip: {mode: per_tensor, max_norm: 2.5}            # global_norm | per_tensor | value
       progress_bar: true                                      # tqdm bar on rank 0
       ema_decay: 0.999              # also validate/save an EMA of the weights and BN statistics
       nan_policy: stop              # or skip: a step with a non-finite loss or gradient is not applied
@@ -41,14 +41,16 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from nl_plugin import weights
 from nl_plugin.compat import broadcast_buffers
 from nl_plugin.fileio import atomic_write
+from nl_plugin.models.tf_adam import TFAdam
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
 
 _TRAIN_KEYS = {'total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt',
                'grad_clip', 'progress_bar', 'nan_policy'}
 _VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'self_ensemble', 'tile'}
 _TILE_KEYS = {'size', 'stride', 'overlap', 'batch'}
-_CLIP_MODES = ('global_norm', 'per_tensor')
-_OPTIMIZERS = ('Adam', 'AdamW', 'SGD', 'RMSprop')
+_CLIP_MODES = ('global_norm', 'per_tensor', 'value')
+_OPTIMIZERS = {'Adam': torch.optim.Adam, 'AdamW': torch.optim.AdamW, 'SGD': torch.optim.SGD,
+               'RMSprop': torch.optim.RMSprop, 'TFAdam': TFAdam}
 _NAN_POLICIES = ('stop', 'skip')
 #: nan_policy: skip gives up after this many skipped steps in a row (the run is not recovering).
 MAX_SKIPPED_STEPS = 100
@@ -87,11 +89,12 @@ class RestorationModel(SRModel):
             RestorationModel._validate_solver(opt['train'])
             clip = opt['train'].get('grad_clip')
             if clip is not None:
-                _check_keys(clip, {'mode', 'max_norm'}, 'train:grad_clip')
+                _check_keys(clip, {'mode', 'max_norm', 'max_value', 'divide_by_lr'}, 'train:grad_clip')
                 if clip.get('mode', 'global_norm') not in _CLIP_MODES:
                     raise ValueError(f'train:grad_clip:mode must be one of {_CLIP_MODES}, got {clip.get("mode")!r}')
-                if not float(clip.get('max_norm', 0)) > 0:
-                    raise ValueError(f'train:grad_clip:max_norm must be > 0, got {clip.get("max_norm")!r}')
+                key = 'max_value' if clip.get('mode') == 'value' else 'max_norm'
+                if not float(clip.get(key, 0)) > 0:
+                    raise ValueError(f'train:grad_clip:{key} must be > 0, got {clip.get(key)!r}')
         val = opt.get('val')
         if val is not None:
             _check_keys(val, _VAL_KEYS, 'val')
@@ -108,7 +111,7 @@ class RestorationModel(SRModel):
         check_optimizer(train.get('optim_g'), _OPTIMIZERS, ignore=('no_weight_decay',))
         sched = train.get('scheduler')
         if isinstance(sched, dict) and sched.get('type') == 'ExponentialDecayLR':
-            _check_keys(sched, {'type', 'lr_end', 'decay_iter'}, 'train:scheduler')
+            _check_keys(sched, {'type', 'lr_end', 'decay_iter', 'decay_every'}, 'train:scheduler')
             if 'lr_end' not in sched:
                 raise KeyError('train:scheduler: ExponentialDecayLR needs lr_end')
         elif sched is not None:
@@ -148,14 +151,17 @@ class RestorationModel(SRModel):
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         if optim_type not in _OPTIMIZERS:
-            raise ValueError(f'train:optim_g:type must be one of {_OPTIMIZERS}, got {optim_type!r}')
-        return getattr(torch.optim, optim_type)(params, lr, **kwargs)
+            raise ValueError(f'train:optim_g:type must be one of {tuple(_OPTIMIZERS)}, got {optim_type!r}')
+        return _OPTIMIZERS[optim_type](params, lr, **kwargs)
 
     def setup_schedulers(self):
         """BasicSR's schedulers plus ``ExponentialDecayLR`` (N3Net: lr decays geometrically to ``lr_end``).
 
-        ``ExponentialDecayLR`` keys: ``lr_end`` (reached after ``decay_iter`` iterations; default
-        ``train:total_iter``). Implemented as ``torch.optim.lr_scheduler.ExponentialLR`` stepped per iteration.
+        ``ExponentialDecayLR`` keys: ``lr_end``, the lr after ``decay_iter`` iterations (default
+        ``train:total_iter``), and ``decay_every`` (default 1): the lr changes every that many iterations,
+        ``lr(i) = lr * (lr_end / lr)^(decay_every * floor((i - 1) / decay_every) / decay_iter)`` at
+        iteration i (N3Net's code: ``1e-3 * 10^(-3e/50)`` in epoch e = ``lr_end: 1e-6`` with
+        ``decay_every`` = iterations per epoch). ``torch.optim.lr_scheduler.StepLR`` stepped per iteration.
         """
         sched = deepcopy(self.opt['train']['scheduler'])
         if sched.get('type') != 'ExponentialDecayLR':
@@ -166,25 +172,33 @@ class RestorationModel(SRModel):
             finally:
                 self.opt['train']['scheduler'] = saved
             return
-        _check_keys(sched, {'type', 'lr_end', 'decay_iter'}, 'train:scheduler')
+        _check_keys(sched, {'type', 'lr_end', 'decay_iter', 'decay_every'}, 'train:scheduler')
         decay_iter = int(sched.get('decay_iter', self.opt['train']['total_iter']))
+        every = int(sched.get('decay_every', 1))
+        if every < 1:
+            raise ValueError(f'train:scheduler:decay_every must be a positive integer, got {every}')
         for optimizer in self.optimizers:
             lr0 = optimizer.param_groups[0]['lr']
-            gamma = (float(sched['lr_end']) / lr0)**(1.0 / max(decay_iter - 1, 1))
-            self.schedulers.append(torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma))
+            gamma = (float(sched['lr_end']) / lr0)**(every / decay_iter)
+            self.schedulers.append(torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=gamma))
 
     def _clip_gradients(self):
         clip = self.opt['train'].get('grad_clip')
         if not clip:
             return
-        max_norm = float(clip['max_norm'])
+        mode = clip.get('mode', 'global_norm')
+        limit = float(clip['max_value' if mode == 'value' else 'max_norm'])
+        if clip.get('divide_by_lr'):    # VDSR's adjustable clipping: theta / current lr
+            limit /= self.optimizer_g.param_groups[0]['lr']
         params = [p for p in self.net_g.parameters() if p.grad is not None]
-        if clip.get('mode', 'global_norm') == 'global_norm':
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if mode == 'global_norm':
+            torch.nn.utils.clip_grad_norm_(params, limit)
+        elif mode == 'value':   # VDSR paper: every gradient element clipped to [-limit, limit]
+            torch.nn.utils.clip_grad_value_(params, limit)
         else:  # NLRN's code: tf.clip_by_norm on each variable, g * c / max(||g||, c)
             for p in params:
                 norm = p.grad.norm()
-                p.grad.mul_(max_norm / torch.clamp(norm, min=max_norm))
+                p.grad.mul_(limit / torch.clamp(norm, min=limit))
 
     def _forward(self, net, x):
         out = net(x)
