@@ -10,8 +10,7 @@ import logging
 import pytest
 import torch
 
-from nl_plugin.ops.nlrn_attention import (Kernel, Layout, dense_attention_reference, flex, propagated_attention,
-                                          router)
+from nl_plugin.ops.nlrn_attention import Kernel, Layout, dense_attention_reference, flex, propagated_attention, router
 
 pytestmark = [pytest.mark.skipif(not flex.available(), reason='this torch has no FlexAttention'),
               pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')]
@@ -101,14 +100,14 @@ def test_fp32_with_wide_embeddings_matches_float64_reference(device):
 def test_propagation_over_three_steps(h, w, ws, border, device):
     """Carried embeddings reproduce the running logit sum (eq. 6); without autograd they fill one buffer."""
     v = _rand(2, h, w, 4, device=device)
-    state, logits = None, None
+    state, logits, buffer = None, None, None
     for t in range(1, 4):
         q, k = _rand(2, h, w, 3, device=device), _rand(2, h, w, 3, device=device)
         out, state = flex.flex_step(q, k, v, state, ws, border, propagate=True)
         ref, logits = dense_attention_reference(q, k, v, ws, border, prev_logits=logits)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
         assert state.layout is Layout.TOKENS and state.q.shape[-1] == 3 * t
-        buffer = state.q._base if t == 1 else buffer
+        buffer = buffer if buffer is not None else state.q._base
         assert state.q._base is buffer and buffer.shape[-1] >= 3 * flex.CARRY_STEPS
 
 
