@@ -35,8 +35,17 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(params=[pytest.param(d, marks=pytest.mark.cuda) if d == 'cuda' else d for d in DEVICES])
 def device(request):
-    """Each available device in turn (cuda parameters carry the ``cuda`` marker)."""
-    return torch.device(request.param)
+    """Each available device in turn (cuda parameters carry the ``cuda`` marker). On CUDA, TF32 is off
+    during the test: the comparisons with the references are at fp32 (or float64) precision."""
+    if request.param != 'cuda':
+        yield torch.device(request.param)
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device('cuda')
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(autouse=True)
