@@ -237,3 +237,18 @@ def test_router_on_cuda(monkeypatch):
     assert tuple(router.route_step(**dict(args, window_size=45, grad=False, shape=(1, 321, 481)))) == \
         (Kernel.STRIPS, Layout.BLOCKS)
     assert router.route_network(**net, device=_CUDA) is Kernel.BANDS
+
+
+def test_compiled_network_runs_the_flex_path(monkeypatch):
+    """torch.compile traces the FlexAttention path of a network (the block mask is built outside the graph,
+    the carry is a plain concatenation there); aot_eager: dynamo and autograd tracing without a C++ compiler."""
+    from nl_plugin.archs.nlrn_arch import NLRN
+    monkeypatch.setattr(router, '_flex_applies', lambda device, normalization: normalization == 'softmax')
+    net = NLRN(num_feat=8, num_embed=4, num_steps=3, nl_scope='window', window_size=7).eval()
+    for blk in net.nonlocal_blocks:
+        torch.nn.init.normal_(blk.g.weight, std=0.3)
+    compiled = torch.compile(net, backend='aot_eager')
+    with torch.no_grad():
+        for size in ((30, 29), (33, 40)):
+            x = torch.rand(1, 1, *size)
+            torch.testing.assert_close(compiled(x), net(x), rtol=0, atol=1e-6)

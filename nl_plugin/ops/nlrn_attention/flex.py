@@ -124,6 +124,7 @@ def _first(sel, values):
     return sel.sum(1).to(torch.int32), values.gather(1, order).to(torch.int32)
 
 
+@torch.compiler.disable      # built eagerly and cached, also when a compiled network calls it
 @lru_cache(maxsize=8)
 def window_block_mask(h: int, w: int, window_size: int, border: str, device: torch.device) -> 'BlockMask':
     """Block mask of the q x q window on an h x w image in tile order, built from the window's geometry.
@@ -167,9 +168,11 @@ def _kernel(device: torch.device):
     """``flex_attention``, compiled once for CUDA; eager elsewhere (it then materialises the scores:
     enough for tests on small images) and inside a compiled network (which compiles it itself)."""
     global _compiled
+    if torch.compiler.is_compiling():
+        return flex_attention
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-    if device.type != 'cuda' or torch.compiler.is_compiling():
+    if device.type != 'cuda':
         return flex_attention
     if _compiled is None:
         _compiled = torch.compile(flex_attention)
@@ -258,7 +261,8 @@ def flex_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional
             prev_q, prev_k = to_tokens(prev_q, grid), to_tokens(prev_k, grid)
         elif state.layout is not Layout.TOKENS:
             raise ValueError(f'the FlexAttention kernel carries embeddings, not {state.layout.value} logits')
-    grow = propagate and not requires_grad(q, k, v, prev_q, prev_k)
+    # In-place carry buffers only in eager inference: autograd and a compiled graph get plain concatenations.
+    grow = propagate and not requires_grad(q, k, v, prev_q, prev_k) and not torch.compiler.is_compiling()
     q_carry, q_in = _carry(prev_q, to_tokens(q, grid), grow)
     k_carry, k_in = _carry(prev_k, to_tokens(k, grid), grow)
     out = _run(q_in, k_in, v, q_carry.shape[-1], grid, window_size, border)

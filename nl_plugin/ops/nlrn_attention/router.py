@@ -90,7 +90,8 @@ def route_window(*, grad: bool, normalization: str, pixels: int, prev_logits: bo
         device (torch.device): Device of the tensors.
     """
     kernel = _window_kernel(grad, normalization, pixels, prev_logits, return_logits, device)
-    logger.debug('nlrn attention: window_attention -> %s (grad=%s, %d px, %s)', kernel.value, grad, pixels, device)
+    if not torch.compiler.is_compiling():   # a logging call would break a compiled graph
+        logger.debug('nlrn attention: window_attention -> %s (grad=%s, %d px, %s)', kernel.value, grad, pixels, device)
     return kernel
 
 
@@ -152,8 +153,9 @@ def route_step(*, window_size: Optional[int], border: str, normalization: str, g
     route = _step_route(window_size, border, normalization, grad, shape, element_size, device, carried, propagate)
     if not propagate:
         route = route._replace(carry=None)
-    logger.debug('nlrn attention: step -> %s, carry %s (window %s, grad=%s, %s, %s)', route.kernel.value,
-                 route.carry and route.carry.value, window_size, grad, 'x'.join(map(str, shape)), device)
+    if not torch.compiler.is_compiling():
+        logger.debug('nlrn attention: step -> %s, carry %s (window %s, grad=%s, %s, %s)', route.kernel.value,
+                     route.carry and route.carry.value, window_size, grad, 'x'.join(map(str, shape)), device)
     return route
 
 
@@ -173,8 +175,9 @@ def route_network(*, grad: bool, training: bool, window_size: Optional[int], bor
     bands = (not grad and not training and window_size is not None and border == 'exclude'
              and max(height, width) >= STREAM_WINDOWS * window_size and not _flex_applies(device, 'softmax'))
     kernel = Kernel.BANDS if bands else None
-    logger.debug('nlrn attention: network -> %s (window %s, grad=%s, training=%s, %dx%d, %s)',
-                 'bands' if bands else 'per-step', window_size, grad, training, height, width, device)
+    if not torch.compiler.is_compiling():
+        logger.debug('nlrn attention: network -> %s (window %s, grad=%s, training=%s, %dx%d, %s)',
+                     'bands' if bands else 'per-step', window_size, grad, training, height, width, device)
     return kernel
 
 
