@@ -40,7 +40,9 @@ def test_option_files_exist():
 def test_option_file_is_valid(path, standin):
     with open(path) as f:
         opt = yaml.safe_load(f)
-    opt['is_train'] = os.path.basename(path).startswith(('train_', 'demo_train'))
+    name = os.path.basename(path)
+    opt['is_train'] = name.startswith(('train_', 'demo_train')) or (name.startswith('gpu_check_') and
+                                                                     not name.endswith('_test.yml'))
     model_cls = MODEL_REGISTRY.get(opt['model_type'])
     model_cls.validate_options(opt)
     net_opt = copy.deepcopy(opt['network_g'])

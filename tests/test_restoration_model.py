@@ -1,4 +1,6 @@
 """RestorationModel features, exercised on a model built from an option dict (no CLI)."""
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -151,3 +153,88 @@ def test_tiled_and_ensemble_inference(tmp_path):
         m.feed_data(data)
         m.test()
     torch.testing.assert_close(tiled.output, plain.output)  # pointwise net: tiling and ensemble are exact
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError('this backend cannot compile')
+
+
+def _backward_failing_backend(gm, example_inputs):
+    """Compiles the forward (runs the graph as is) but its backward fails, as a compiler failing there."""
+    def hook(grad):
+        raise RuntimeError('backward kernel failed to compile')
+
+    def run(*args):
+        outs = gm(*args)
+        for o in (outs if isinstance(outs, (list, tuple)) else [outs]):
+            if isinstance(o, torch.Tensor) and o.requires_grad:
+                o.register_hook(hook)
+        return outs
+    return run
+
+
+@pytest.fixture
+def basicsr_log(caplog):
+    """caplog for BasicSR's logger (which does not propagate to the root logger)."""
+    logger = logging.getLogger('basicsr')
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+@pytest.mark.parametrize('backend', [_failing_backend, _backward_failing_backend])
+def test_compile_failure_falls_back_to_eager(tmp_path, backend, basicsr_log):
+    eager = build_model(make_opt(tmp_path))
+    model = build_model(make_opt(tmp_path, compile={'backend': backend}))
+    model.net_g.load_state_dict(eager.net_g.state_dict())
+    data = batch()
+    for m in (eager, model):
+        m.feed_data(data)
+        m.optimize_parameters(1)
+    text = basicsr_log.text
+    assert 'compile: torch.compile of _TestPointNet failed' in text and 'it runs eagerly' in text
+    assert ('cannot compile' if backend is _failing_backend else 'backward kernel failed') in text
+    assert not model._compiler().active(model.net_g)
+    for a, b in zip(model.net_g.parameters(), eager.net_g.parameters()):     # the same (eager) step
+        torch.testing.assert_close(a, b)
+    model.feed_data(data)
+    model.test()
+    assert model.output.shape == data['lq'].shape
+
+
+@pytest.mark.parametrize('key,value,match', [('compile', 'yes', 'compile must be'), ('tf32', 1, 'tf32 must'),
+                                             ('channels_last', 'auto', 'channels_last must')])
+def test_device_options_are_checked(tmp_path, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(make_opt(tmp_path, **{key: value}))
+    with pytest.raises(KeyError, match=r"compile: unknown option key\(s\) \['mdoe'\]"):
+        build_model(make_opt(tmp_path, compile={'mdoe': 'max-autotune'}))
+
+
+def test_channels_last_network_gives_the_same_output(tmp_path):
+    plain = build_model(make_opt(tmp_path, val={}))
+    cl = build_model(make_opt(tmp_path, val={}, channels_last=True))
+    assert cl.net_g.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+    cl.net_g.load_state_dict(plain.net_g.state_dict())
+    data = batch()
+    for m in (plain, cl):
+        m.feed_data(data)
+        m.test()
+    torch.testing.assert_close(cl.output, plain.output)
+
+
+@pytest.mark.slow
+def test_compile_trains_and_validates_a_small_dncnn_on_the_cpu(tmp_path):
+    """A real torch.compile (inductor, C++ on the CPU): 5-50 s here, depending on the compiler cache."""
+    net = {'type': 'DnCNN', 'num_in_ch': 1, 'num_out_ch': 1, 'num_feat': 8, 'depth': 3}
+    eager = build_model(make_opt(tmp_path, network_g=dict(net)))
+    model = build_model(make_opt(tmp_path, network_g=dict(net), compile=True))
+    model.net_g.load_state_dict(eager.net_g.state_dict())
+    data = batch()
+    for m in (eager, model):
+        m.feed_data(data)
+        m.optimize_parameters(1)
+        m.feed_data(data)
+        m.test()
+    assert model._compiler().active(model.net_g)
+    torch.testing.assert_close(model.output, eager.output, rtol=1e-4, atol=1e-5)

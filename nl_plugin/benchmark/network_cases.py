@@ -22,13 +22,24 @@ def _nlrn(device, **kw):
     return net
 
 
-def case_nlrn_window(size):
+def case_nlrn_window(size, autocast=None):
+    """NLRN window scope on one image; ``autocast``: a dtype to run the network under ``torch.autocast``."""
     def build(device, quick):
+        import contextlib
+
+        import torch
         h, w = (size if not quick else (size[0] // 4, size[1] // 4))
         net = _nlrn(device, nl_scope='window', window_size=45)
         x = image(h, w, device)
-        small = image(64, 64, device)
-        return {'fn': lambda: (net(x), sync(device)), 'warmup': lambda: net(small)}
+
+        def run(t):
+            ctx = torch.autocast(device, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+            with ctx:
+                return net(t)
+        # On CUDA the warm-up is the full image: it compiles the FlexAttention kernels for this size.
+        warm = x if device == 'cuda' else image(64, 64, device)
+        return {'fn': lambda: (run(x), sync(device)), 'warmup': lambda: (run(warm), sync(device)),
+                'note': f'autocast {autocast}' if autocast else ''}
     return build
 
 
@@ -95,6 +106,8 @@ CASES = {
     'matmul_fp32': ('fp32 matmul rate of this machine', case_matmul),
     'nlrn_window_481x321': ('NLRN window scope (q=45, T=12), 481x321', case_nlrn_window((321, 481))),
     'nlrn_window_1024x768': ('NLRN window scope (q=45, T=12), 1024x768', case_nlrn_window((768, 1024))),
+    'nlrn_window_1024x768_bf16': ('NLRN window scope (q=45, T=12), 1024x768, under bf16 autocast',
+                                  case_nlrn_window((768, 1024), autocast='bfloat16')),
     'nlrn_tiled_481x321': ('NLRN official protocol (global scope, 45x45 tiles, stride 7), 481x321',
                            case_nlrn_tiled((321, 481))),
     'n3net_481x321': ('N3Net (official denoiser), 481x321', case_n3net((321, 481))),
@@ -102,5 +115,5 @@ CASES = {
     'train_iter_nlrn': ('NLRN training iteration (batch 16, 43x43)', case_train_iter('nlrn')),
     'train_iter_n3net': ('N3Net training iteration (batch 32, 80x80)', case_train_iter('n3net')),
 }
-
-
+#: cases measured by default only with --device cuda (on the CPU only when named with --only)
+CUDA_CASES = {'nlrn_window_1024x768_bf16'}

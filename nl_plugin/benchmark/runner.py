@@ -23,6 +23,7 @@ import sys
 import time
 
 from .network_cases import CASES as NETWORK_CASES
+from .network_cases import CUDA_CASES
 from .op_cases import OP_CASES
 
 CASES = {**NETWORK_CASES, **OP_CASES}
@@ -186,7 +187,10 @@ def main():
         print(json.dumps(worker(args._worker, args.device, args.quick, args.repeats, args.budget)))
         return
     import torch
-    names = [n for n in CASES if not args.only or any(s in n for s in args.only)]
+    if args.only:
+        names = [n for n in CASES if any(s in n for s in args.only)]
+    else:
+        names = [n for n in CASES if args.device == 'cuda' or n not in CUDA_CASES]
     if 'matmul_fp32' not in names:
         names.insert(0, 'matmul_fp32')
     results = []

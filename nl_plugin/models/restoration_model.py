@@ -15,6 +15,12 @@ YAML (besides everything ``SRModel`` reads)::
       tile: {size: 45, stride: 7, batch: 100}                 # or {size, overlap, batch}
       metrics: {psnr: {type: calculate_psnr, crop_border: 0, test_y_channel: false}}
 
+Device options (top level; ``nl_plugin.models.device_options``)::
+
+    tf32: true                      # CUDA: TF32 for fp32 matmuls and convs
+    channels_last: true             # CUDA: channels-last weights and inputs (default true on CUDA)
+    compile: false                  # torch.compile the network (training and validation); falls back to eager
+
 Validation runs on every process of a distributed job: images are split across ranks and the metrics
 gathered (BasicSR's ``dist_validation`` runs rank 0 only). ``basicsr test`` also writes one CSV per
 dataset with the metrics of every image (and of the degraded input, where it has the target's shape).
@@ -43,6 +49,8 @@ from nl_plugin.compat import broadcast_buffers
 from nl_plugin.fileio import atomic_write
 from nl_plugin.models.tf_adam import TFAdam
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
+
+from .device_options import CompiledNetworks, channels_last, check_device_options, set_tf32
 
 _TRAIN_KEYS = {'total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt',
                'grad_clip', 'progress_bar', 'nan_policy'}
@@ -103,6 +111,7 @@ class RestorationModel(SRModel):
                 _check_keys(tile, _TILE_KEYS, 'val:tile')
                 if int(tile.get('size', 0)) <= 0:
                     raise ValueError(f'val:tile:size must be a positive integer, got {tile.get("size")!r}')
+        check_device_options(opt)
 
     @staticmethod
     def _validate_solver(train):
@@ -200,8 +209,41 @@ class RestorationModel(SRModel):
                 norm = p.grad.norm()
                 p.grad.mul_(limit / torch.clamp(norm, min=limit))
 
+    # ------------------------------------------------------------------ device: TF32, channels-last, compile
+    def model_to_device(self, net):
+        """TF32 and channels-last are set before BasicSR moves the network (and DDP registers its parameters)."""
+        set_tf32(self.opt, self.device)
+        if channels_last(self.opt, self.device):
+            net = net.to(memory_format=torch.channels_last)
+        return super().model_to_device(net)
+
+    def _run_network(self, net, x):
+        """``net(x)``: channels-last input where the network is; compiled with ``compile:``."""
+        if channels_last(self.opt, self.device):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._compiler()(net, x)
+
+    def _compiler(self):
+        if '_compiled' not in self.__dict__:
+            self._compiled = CompiledNetworks(self.opt.get('compile', False), get_root_logger().warning)
+        return self._compiled
+
+    def optimize_parameters(self, current_iter):
+        """One iteration; if compiling its backward fails (the forward falls back in ``_run_network``), the
+        iteration reruns eagerly."""
+        compiler = self._compiler()
+        if not compiler.active(self.net_g):
+            return self._optimize_step(current_iter)
+        try:
+            return self._optimize_step(current_iter)
+        except Exception as err:   # noqa: BLE001
+            if isinstance(err, (FloatingPointError, torch.cuda.OutOfMemoryError)) or not compiler.active(self.net_g):
+                raise
+            compiler.disable(self.net_g, err)
+            return self._optimize_step(current_iter)
+
     def _forward(self, net, x):
-        out = net(x)
+        out = self._run_network(net, x)
         if self.residual_learning:
             out = out + x[:, :out.shape[1]]
         return out
@@ -215,7 +257,7 @@ class RestorationModel(SRModel):
         super().feed_data(data)
         self.cbcr = data['cbcr'].to(self.device) if 'cbcr' in data else None
 
-    def optimize_parameters(self, current_iter):
+    def _optimize_step(self, current_iter):
         self.optimizer_g.zero_grad()
         self.output = self._forward(self.net_g, self.lq)
         l_total = 0
