@@ -120,7 +120,7 @@ def load_base_weights(base, path, param_key='params'):
     elif isinstance(state, dict) and 'params' in state and torch.is_tensor(next(iter(state['params'].values()))):
         state = state['params']
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-    if state and all(k.startswith('base.') for k in state):
+    if any(k.startswith('base.') for k in state) and not any(k.startswith('base.') for k in base.state_dict()):
         raise ValueError(f"network_g:base_pretrained: {path!r} holds a NonLocalInjection network (keys 'base.*'); "
                          'load it with path:pretrain_network_g instead')
     missing, unexpected = base.load_state_dict(state, strict=False)
