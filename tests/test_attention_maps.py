@@ -13,11 +13,12 @@ from nl_plugin.ops import n3 as n3ops
 from nl_plugin.ops.windowed_attention import dense_attention_reference, window_mask
 
 
-def _randomize(net):
-    """Weights and BN statistics away from the initialisation (g != 0, BN not the identity)."""
+def _randomize(net, scale=0.05):
+    """Weights and BN statistics away from the initialisation (g != 0, BN not the identity); small enough
+    that attention stays soft (large weights make it one-hot, where comparisons say little)."""
     gen = torch.Generator().manual_seed(3)
-    for name, p in net.named_parameters():
-        p.data.add_(0.3 * torch.randn(p.shape, generator=gen))
+    for p in net.parameters():
+        p.data.add_(scale * torch.randn(p.shape, generator=gen))
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.2, 0.2, generator=gen)
