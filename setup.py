@@ -25,6 +25,8 @@ setup(
     extras_require={
         # Only needed to read official NLRN TF1 checkpoints (scripts/convert_nlrn_tf.py).
         'convert': ['tensorflow-cpu'],
+        # Figures (scripts/visualize_attention.py, plot_curves.py) and TensorBoard logging.
+        'viz': ['matplotlib', 'tensorboard'],
     },
     entry_points={'console_scripts': ['basicsr = nl_plugin.cli:main']},
 )

@@ -301,5 +301,34 @@ def capture_input(net, module, x):
     return seen[0]
 
 
+
+
+def network_attention(net, x, pixels, block=0):
+    """Attention of chosen pixels in any network of this project: NLRN, or its ``block``-th N3Block or
+    WindowedNonLocalBlock (N3Net, NonLocalInjection, ...).
+
+    Pixels are in the input's coordinates and are scaled to the block input's size when that differs.
+
+    Returns:
+        tuple[str, list, Tensor]: ``'nlrn'``, ``'n3'`` or ``'block'``; the results; the input the block saw.
+    """
+    from nl_plugin.archs.n3block_arch import N3Block
+    from nl_plugin.archs.windowed_nonlocal_arch import WindowedNonLocalBlock
+    if hasattr(net, 'nonlocal_blocks') and hasattr(net, 'bns'):
+        return 'nlrn', nlrn_attention(net, x, pixels), x
+    blocks = [m for m in net.modules() if isinstance(m, (N3Block, WindowedNonLocalBlock))]
+    if not blocks:
+        raise ValueError(f'{type(net).__name__} has no N3Block or WindowedNonLocalBlock to look into')
+    if not 0 <= block < len(blocks):
+        raise ValueError(f'block {block}: {type(net).__name__} has {len(blocks)} non-local blocks (0..{len(blocks) - 1})')
+    mod = blocks[block]
+    z, match = capture_input(net, mod, x)
+    sy, sx = z.shape[-2] / x.shape[-2], z.shape[-1] / x.shape[-1]
+    scaled = [(min(int(y * sy), z.shape[-2] - 1), min(int(xx * sx), z.shape[-1] - 1)) for y, xx in pixels]
+    if isinstance(mod, N3Block):
+        return 'n3', n3_neighbours(mod, z, scaled, match=match), z
+    return 'block', block_attention(mod, z, scaled), z
+
+
 __all__ = ['PixelAttention', 'PatchNeighbours', 'nlrn_attention', 'block_attention', 'n3_neighbours',
-           'capture_input', 'key_positions']
+           'capture_input', 'key_positions', 'network_attention']
