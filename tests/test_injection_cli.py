@@ -5,6 +5,7 @@ on the fly; the training runs log to TensorBoard (validation images) and their l
 """
 import csv
 import glob
+import importlib.util
 import os
 import subprocess
 
@@ -15,7 +16,7 @@ import torch
 import yaml
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from conftest import basicsr_cmd
+from conftest import ROOT, basicsr_cmd
 from nl_plugin.archs.nonlocal_injection_arch import NonLocalInjection
 
 NETS = {
@@ -157,3 +158,24 @@ def test_validation_images_in_tensorboard(trained, workdir):
         strip = cv2.imdecode(np.frombuffer(images[-1].encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
         gt = cv2.imread(str(workdir / 'val' / 'img0.png'))
         assert np.abs(strip[:, -32:].astype(int) - gt).max() <= 1     # the last panel is the ground truth
+
+
+def test_plot_curves_of_the_training_runs(trained, tmp_path):
+    pytest.importorskip('matplotlib')
+    spec = importlib.util.spec_from_file_location('plot_curves', os.path.join(ROOT, 'scripts', 'plot_curves.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    exp = trained['rrdb_window'][1]
+    curves, written = script.main([str(exp), '--out', str(tmp_path / 'log')])
+    assert sorted(written) == ['loss.png', 'psnr.png']
+    assert cv2.imread(str(tmp_path / 'log' / 'psnr.png')).shape == (400, 640, 3)
+    assert [it for it, _ in curves['loss']['l_pix']] == [1, 2, 3, 4]
+    assert [it for it, _ in curves['metric']['val/psnr']] == [2, 4]
+    if importlib.util.find_spec('tensorboard') is not None:    # the log and the events agree
+        tb_curves, _ = script.main(['--tb', str(exp.parent.parent / 'tb_logger' / 'rrdb_window'),
+                                    '--out', str(tmp_path / 'tb')])
+        tb_psnr = dict(tb_curves['metric']['val/psnr'])
+        for it, value in curves['metric']['val/psnr']:
+            assert abs(tb_psnr[it] - value) < 1e-4
+        for (it, value), (tb_it, tb_value) in zip(curves['loss']['l_pix'], tb_curves['loss']['l_pix']):
+            assert it == tb_it and abs(value - tb_value) <= 1e-4 * abs(tb_value)   # the log prints 5 digits
