@@ -104,8 +104,9 @@ def _check_pixels(pixels, h, w):
 
 
 def _keys(blk, pixels, h, w):
-    return [(key_positions(y, h, blk.window_size, blk.border), key_positions(xx, w, blk.window_size, blk.border))
-            for y, xx in pixels]
+    # only the window scope has a window; the other scope attends over the whole tensor
+    win = blk.window_size if blk.nl_scope == 'window' else 0
+    return [(key_positions(y, h, win, blk.border), key_positions(xx, w, win, blk.border)) for y, xx in pixels]
 
 
 @torch.no_grad()
