@@ -90,11 +90,13 @@ def attention_figure(image, attentions, path, title=None, labels=None, cmap='inf
         ax.plot([pa.pixel[1]], [pa.pixel[0]], marker='+', color='red', markersize=6)
         label = ('' if labels is None else f'{labels[i]} ') + ('attention' if which == 'weights' else 'step alone')
         ax.set_title(f'({pa.pixel[0]}, {pa.pixel[1]}) {label}', fontsize=6)
-        vmax = float(maps.max()) or 1.0
+        # one colour scale per row (its colour bar): the weights' range over all steps, so sharpening shows
+        vmin, vmax = float(maps.min()), float(maps.max())
         for s, t in enumerate(pa.steps):
             ax = _axes(fig, r, 1 + s, size)
             _show(ax, _gray(image)[y0:y1, x0:x1])
-            im = ax.imshow(maps[s], cmap=cmap, alpha=0.75, vmin=0, vmax=vmax, interpolation='nearest')
+            im = ax.imshow(maps[s], cmap=cmap, alpha=0.7, vmin=vmin, vmax=max(vmax, vmin + 1e-12),
+                           interpolation='nearest')
             ax.plot([pa.pixel[1] - x0], [pa.pixel[0] - y0], marker='+', color='cyan', markersize=4)
             if r == 0:
                 ax.set_title(f'step {t + 1}', fontsize=6)
