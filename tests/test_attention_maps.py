@@ -8,7 +8,6 @@ from nl_plugin.analysis.attention_maps import block_attention, capture_input, n3
 from nl_plugin.archs.n3block_arch import N3Block
 from nl_plugin.archs.nlrn_arch import NLRN
 from nl_plugin.archs.nonlocal_injection_arch import NonLocalInjection
-from nl_plugin.archs.windowed_nonlocal_arch import WindowedNonLocalBlock
 from nl_plugin.ops import n3 as n3ops
 from nl_plugin.ops.windowed_attention import dense_attention_reference, window_mask
 

@@ -23,7 +23,8 @@ def _train(it, loss, lr='1.000e-03'):
 
 
 def _val(psnr, best_iter):
-    return (f'2025-01-01 10:00:02,000 INFO: Validation set5\n\t # psnr: {psnr:.4f}\tBest: {psnr:.4f} @ {best_iter} iter\n'
+    return ('2025-01-01 10:00:02,000 INFO: Validation set5\n'
+            f'\t # psnr: {psnr:.4f}\tBest: {psnr:.4f} @ {best_iter} iter\n'
             f'\t # ssim: 0.5000\tBest: 0.5000 @ {best_iter} iter\n\n')
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from basicsr.utils.registry import ARCH_REGISTRY
+
 from conftest import ROOT, basicsr_cmd
 from nl_plugin.archs.nonlocal_injection_arch import NonLocalInjection
 

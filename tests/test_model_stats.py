@@ -5,11 +5,17 @@ import json
 import os
 
 import torch
-
 from basicsr.utils.registry import ARCH_REGISTRY
+
 from conftest import ROOT
-from nl_plugin.analysis.model_stats import (Case, count_parameters, graph_depth, multiply_adds, receptive_field,
-                                            stats_row)
+from nl_plugin.analysis.model_stats import (
+    Case,
+    count_parameters,
+    graph_depth,
+    multiply_adds,
+    receptive_field,
+    stats_row,
+)
 from nl_plugin.archs.dncnn_arch import DnCNN
 from nl_plugin.archs.nlrn_arch import NLRN
 

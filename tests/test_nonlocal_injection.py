@@ -3,9 +3,9 @@ import copy
 
 import pytest
 import torch
+from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from basicsr.utils.registry import ARCH_REGISTRY
 from nl_plugin.archs.nonlocal_injection_arch import NonLocalInjection
 
 EDSR = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 3, 'upscale': 2}

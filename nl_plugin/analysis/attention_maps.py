@@ -321,7 +321,8 @@ def network_attention(net, x, pixels, block=0):
     if not blocks:
         raise ValueError(f'{type(net).__name__} has no N3Block or WindowedNonLocalBlock to look into')
     if not 0 <= block < len(blocks):
-        raise ValueError(f'block {block}: {type(net).__name__} has {len(blocks)} non-local blocks (0..{len(blocks) - 1})')
+        raise ValueError(f'block {block}: {type(net).__name__} has {len(blocks)} non-local blocks '
+                         f'(0..{len(blocks) - 1})')
     mod = blocks[block]
     z, match = capture_input(net, mod, x)
     sy, sx = z.shape[-2] / x.shape[-2], z.shape[-1] / x.shape[-1]

@@ -201,7 +201,8 @@ def format_table(rows, size):
            f"{'receptive field':>17}  reference"
     lines = [head, '-' * len(head)]
     for r in rows:
-        rf = '-' if r['rf'] is None else ('whole input' if min(r['rf']) >= r['rf_input'] else f"{r['rf'][0]}x{r['rf'][1]}")
+        rf = '-' if r['rf'] is None else f"{r['rf'][0]}x{r['rf'][1]}"
+        rf = 'whole input' if r['rf'] is not None and min(r['rf']) >= r['rf_input'] else rf
         lines.append(f"{r['network']:<40}{r['params']:>12,}{r['params_no_bn']:>12,}{r['depth']:>7}{r['gmacs']:>17.2f}"
                      f"{rf:>17}  {r['reference']}")
     return '\n'.join(lines)

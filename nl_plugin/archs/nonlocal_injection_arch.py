@@ -257,7 +257,8 @@ class NonLocalInjection(nn.Module):
         if in_key is not None:
             given = opt.setdefault(in_key, channels)
             if given != channels:
-                raise ValueError(f'{where}: {in_key}={given} but the output of {spec["after"]!r} has {channels} channels')
+                raise ValueError(f'{where}: {in_key}={given} but the output of {spec["after"]!r} has '
+                                 f'{channels} channels')
         if 'num_out_ch' in params:
             opt.setdefault('num_out_ch', channels)
         block = cls(**opt)
