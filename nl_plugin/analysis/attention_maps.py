@@ -241,7 +241,7 @@ def n3_neighbours(block, x, pixels=(), match=None, patches=None):
         block (N3Block): The block.
         x (Tensor): (B, C, H, W) its input (only the first image is used).
         pixels (list[tuple[int, int]]): (y, x) in the block input's coordinates.
-        match (Tensor, optional): The fixed feature space of ``selection='hard'``.
+        match (Tensor, optional): The fixed feature space of the hard k-NN selection.
         patches (list[int], optional): Query patches given by grid index instead of ``pixels``.
 
     Returns:
@@ -257,14 +257,15 @@ def n3_neighbours(block, x, pixels=(), match=None, patches=None):
         xp, _ = n3ops.pad_to_patch_grid(x, p, s, pad)
         grid = n3ops.patch_grid_shape(xp.shape[-2], xp.shape[-1], p, s)
         temp = None
-        if block.selection == 'hard':
+        if block.embed is None:     # hard k-NN on a fixed feature space: no embedding, no temperature
             src = x if match is None else match[:1]
             emb = n3ops.extract_patches(F.pad(src, pad), p, s)
         else:
             emb = n3ops.extract_patches(F.pad(run_sequential(block.embed, x), pad), p, s)
             temp = n3ops.patch_temperature(F.pad(run_sequential(block.temp, x), pad), p, s, block.temp_mode,
                                            block.temp_offset)
-        index = n3ops.candidate_index(grid[0], grid[1], block.window_size, device=x.device)
+        search = getattr(block, 'search_size', None) or block.window_size     # search region, in patches
+        index = n3ops.candidate_index(grid[0], grid[1], search, device=x.device)
         _check_pixels(pixels, h, w)
         queries = [(px, _query_patch(px, grid, pad, p, s)) for px in pixels]
         if patches is not None:
