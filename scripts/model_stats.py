@@ -58,38 +58,40 @@ def _reset_peak():
         return False
 
 
-def _measure(net, x, device, repeats):
-    """(median seconds, MB above the memory live before) of ``net(x)`` in eval mode without autograd."""
+def _run_once(net, x, device):
+    """Seconds of one ``net(x)`` without autograd."""
     import torch
-    net.eval()
     with torch.no_grad():
-        net(x)      # warm-up
+        t0 = time.perf_counter()
+        net(x)
         if device == 'cuda':
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start_mb = torch.cuda.memory_allocated() / 2**20
-        else:
-            start_mb = _rss_mb('VmRSS') if _reset_peak() else None
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            net(x)
-            if device == 'cuda':
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+
+def _memory_mb(net, x, device):
+    """MB one ``net(x)`` (eval, no autograd) needs above the memory live before it, after a warm-up run."""
+    import torch
+    _run_once(net, x, device)
     if device == 'cuda':
-        peak = torch.cuda.max_memory_allocated() / 2**20 - start_mb
-    else:
-        peak = (_rss_mb('VmHWM') - start_mb) if start_mb is not None else float('nan')
-    return statistics.median(times), peak
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated() / 2**20
+        _run_once(net, x, device)
+        return torch.cuda.max_memory_allocated() / 2**20 - start
+    if not _reset_peak():
+        return float('nan')
+    start = _rss_mb('VmRSS')
+    _run_once(net, x, device)
+    return _rss_mb('VmHWM') - start
 
 
 def injection_overhead(net_opt, size=(321, 481), device='cpu', repeats=3):
     """Time and memory each inserted block of a ``NonLocalInjection`` network adds to one forward.
 
     The base alone and the base with each block on its own run on the same random input (eval mode, no
-    autograd; median of ``repeats`` runs after a warm-up). Memory: CUDA peak allocation, or on the CPU the
-    peak RSS above the RSS the runs start from.
+    autograd). Each block's network is timed alternately with the base, ``repeats`` times after a warm-up,
+    and the medians are compared, so that a machine whose speed drifts affects both alike. Memory: CUDA peak
+    allocation, or on the CPU the peak RSS above the RSS the run starts from.
 
     Args:
         net_opt (dict): ``network_g`` of type NonLocalInjection (e.g. from an option file).
@@ -99,7 +101,7 @@ def injection_overhead(net_opt, size=(321, 481), device='cpu', repeats=3):
 
     Returns:
         list[dict]: First the base (``seconds``, ``mb``), then per block ``block``, ``seconds``, ``mb``,
-        ``added_seconds`` and ``added_mb`` relative to the base.
+        ``added_seconds`` and ``added_mb`` (the block's network against the base timed next to it).
     """
     import torch
 
@@ -107,12 +109,20 @@ def injection_overhead(net_opt, size=(321, 481), device='cpu', repeats=3):
     opt = dict(net_opt, base_pretrained=None)
     blocks = opt.pop('blocks', []) or []
     x = torch.rand(1, opt['base'].get('num_in_ch', 3), *size, generator=torch.Generator().manual_seed(0)).to(device)
-    base_s, base_mb = _measure(build_network(dict(opt, blocks=[])).to(device), x, device, repeats)
-    rows = [{'block': 'base alone', 'seconds': base_s, 'mb': base_mb}]
+    base = build_network(dict(opt, blocks=[])).to(device).eval()
+    base_mb = _memory_mb(base, x, device)
+    rows, base_times = [{'block': 'base alone', 'mb': base_mb}], []
     for spec in blocks:
-        s, mb = _measure(build_network(dict(opt, blocks=[spec])).to(device), x, device, repeats)
-        rows.append({'block': f"after {spec['after']}: {spec['type']}", 'seconds': s, 'mb': mb,
-                     'added_seconds': s - base_s, 'added_mb': mb - base_mb})
+        net = build_network(dict(opt, blocks=[spec])).to(device).eval()
+        mb = _memory_mb(net, x, device)
+        pairs = [(_run_once(base, x, device), _run_once(net, x, device)) for _ in range(repeats)]
+        t_base, t_net = (statistics.median(p) for p in zip(*pairs))
+        base_times.append(t_base)
+        rows.append({'block': f"after {spec['after']}: {spec['type']}", 'seconds': t_net, 'mb': mb,
+                     'added_seconds': t_net - t_base, 'added_mb': mb - base_mb})
+        del net
+    rows[0]['seconds'] = statistics.median(base_times) if base_times else statistics.median(
+        _run_once(base, x, device) for _ in range(repeats))
     return rows
 
 
