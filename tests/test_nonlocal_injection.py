@@ -53,6 +53,17 @@ def test_equal_to_the_loaded_base_at_init(case, tmp_path, one_thread):
     assert (net(x) - base(x)).abs().max() > 1e-4
 
 
+def test_a_transformer_base(tmp_path):
+    swin = {'type': 'SwinIR', 'img_size': 16, 'embed_dim': 12, 'depths': [1, 1], 'num_heads': [2, 2],
+            'window_size': 4, 'mlp_ratio': 2, 'upscale': 2, 'upsampler': 'pixelshuffle'}
+    base, path = _base_checkpoint(tmp_path, swin)
+    net = NonLocalInjection(swin, [dict(WIN, after='conv_after_body'), dict(N3, after='conv_first')],
+                            base_pretrained=str(path)).eval()
+    x = torch.rand(1, 3, 16, 12)      # BasicSR's SwinIR takes sides that are multiples of its window
+    with torch.no_grad():
+        assert (net(x) - base.eval()(x)).abs().max() <= 1e-6 and net.upscale == 2
+
+
 def test_state_dict_keeps_base_names_and_loads_back(tmp_path):
     base_opt, blocks = CASES['edsr_both']
     net = _perturb(NonLocalInjection(base_opt, blocks))
@@ -126,6 +137,11 @@ def test_bad_after_names_get_suggestions():
         NonLocalInjection(RRDB, [dict(WIN, after='lrelu')])
     with pytest.raises(KeyError, match='"after"'):
         NonLocalInjection(EDSR, [{'type': 'N3Block'}])
+    # a submodule whose output is not an image: SwinIR's patch embedding gives tokens (B, L, C)
+    swin = {'type': 'SwinIR', 'img_size': 16, 'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4,
+            'mlp_ratio': 2}
+    with pytest.raises(ValueError, match=r"output of 'patch_embed' has shape \(1, 1024, 12\), not \(B, C, H, W\)"):
+        NonLocalInjection(swin, [dict(WIN, after='patch_embed')])
 
 
 def test_deep_copy_runs_its_own_blocks():

@@ -210,7 +210,7 @@ class NonLocalInjection(nn.Module):
         for name in set(names):
             def record(module, args, output, name=name):
                 calls[name] = calls.get(name, 0) + 1
-                shapes[name] = tuple(output.shape) if torch.is_tensor(output) else None
+                shapes[name] = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
             handles.append(modules[name].register_forward_hook(record))
         modes = {m: m.training for m in self.base.modules()}
         self.base.eval()
@@ -234,9 +234,9 @@ class NonLocalInjection(nn.Module):
 
     def _channels_at(self, i, name, shape, module):
         if shape is not None:
-            if len(shape) != 4:
-                raise ValueError(f'network_g:blocks[{i}]: after: the output of {name!r} has shape {shape}, '
-                                 'not (B, C, H, W)')
+            if isinstance(shape, str) or len(shape) != 4:
+                what = f'is a {shape}' if isinstance(shape, str) else f'has shape {shape}'
+                raise ValueError(f'network_g:blocks[{i}]: after: the output of {name!r} {what}, not (B, C, H, W)')
             return shape[1]
         convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
         if convs:
