@@ -31,9 +31,12 @@ setup(
         'spandrel': ['spandrel', 'safetensors'],
         # scripts/export_onnx.py and its onnxruntime check.
         'onnx': ['onnx', 'onnxscript', 'onnxruntime'],
-        # The test suite and the linter (`make test`, `make lint`); the optional formats are included so
-        # that their tests run in CI instead of skipping.
-        'test': ['pytest', 'ruff', 'safetensors', 'spandrel', 'onnx', 'onnxscript', 'onnxruntime'],
+        # The test suite and the linter (`make test`, `make lint`); the optional formats and figure libraries
+        # are included so that their tests run in CI instead of skipping.
+        'test': ['pytest', 'ruff', 'safetensors', 'spandrel', 'onnx', 'onnxscript', 'onnxruntime', 'matplotlib',
+                 'tensorboard'],
+        # Figures (scripts/visualize_attention.py, plot_curves.py) and TensorBoard logging.
+        'viz': ['matplotlib', 'tensorboard'],
     },
     entry_points={'console_scripts': ['basicsr = nl_plugin.cli:main']},
 )

@@ -21,6 +21,9 @@ Device options (top level; ``nl_plugin.models.device_options``)::
     channels_last: true             # CUDA: channels-last weights and inputs (default true on CUDA)
     compile: false                  # torch.compile the network (training and validation); falls back to eager
 
+With ``logger:use_tb_logger: true``, training validation also sends degraded | restored | ground truth crops
+of the first images to TensorBoard, next to BasicSR's loss and metric curves.
+
 Validation runs on every process of a distributed job: images are split across ranks and the metrics
 gathered (BasicSR's ``dist_validation`` runs rank 0 only). ``basicsr test`` also writes one CSV per
 dataset with the metrics of every image (and of the degraded input, where it has the target's shape).
@@ -48,6 +51,7 @@ from nl_plugin import weights
 from nl_plugin.compat import broadcast_buffers
 from nl_plugin.fileio import atomic_write
 from nl_plugin.models.tf_adam import TFAdam
+from nl_plugin.analysis.strips import comparison_strip
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
 
 from .device_options import CompiledNetworks, channels_last, check_device_options, set_tf32
@@ -395,6 +399,8 @@ class RestorationModel(SRModel):
                     for name, m_opt in metrics_opt.items():
                         row[f'{name}_input'] = float(calculate_metric({'img': lq_img, 'img2': gt_img}, m_opt))
             rows.append(row)
+            if rank == 0:
+                self._log_validation_images(tb_logger, dataset_name, img_name, current_iter, idx)
             if save_img:
                 if self.opt['is_train']:
                     path = osp.join(self.opt['path']['visualization'], img_name, f'{img_name}_{current_iter}.png')
@@ -423,6 +429,22 @@ class RestorationModel(SRModel):
                 self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
         if not self.opt['is_train'] and rank == 0 and rows:
             self._write_csv(dataset_name, rows)
+
+    # Validation images shown in TensorBoard: the first few of each validation set, crops of this side at most.
+    tb_val_images = 4
+    tb_crop = 160
+
+    def _log_validation_images(self, tb_logger, dataset_name, img_name, current_iter, index):
+        """Send degraded | restored | ground truth (centre crops, side by side) to TensorBoard.
+
+        Runs for the first ``tb_val_images`` images of a validation set when BasicSR passes a TensorBoard
+        ``SummaryWriter`` (``logger:use_tb_logger: true``, training only); does nothing otherwise.
+        """
+        if tb_logger is None or not hasattr(tb_logger, 'add_image') or index >= self.tb_val_images:
+            return
+        panels = [self.lq, self.output] + ([self.gt] if hasattr(self, 'gt') else [])
+        image = comparison_strip(panels, crop=self.tb_crop)
+        tb_logger.add_image(f'val_images/{dataset_name}/{img_name}', image, current_iter, dataformats='CHW')
 
     def _write_csv(self, dataset_name, rows):
         path = osp.join(self.opt['path']['results_root'], f'{dataset_name}_metrics.csv')
