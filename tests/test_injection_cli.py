@@ -23,7 +23,7 @@ NETS = {
     'edsr_n3': {'scale': 2, 'gt_size': 16, 'base': {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8,
                                                    'num_block': 2, 'upscale': 2},
                 'blocks': [{'after': 'body.0', 'type': 'N3Block', 'k': 2, 'embed_feat': 8, 'patch_size': 4,
-                            'stride': 2, 'window_size': 5}]},
+                            'stride': 2, 'search_size': 5}]},
     'rrdb_window': {'scale': 4, 'gt_size': 32, 'base': {'type': 'RRDBNet', 'num_in_ch': 3, 'num_out_ch': 3,
                                                        'scale': 4, 'num_feat': 8, 'num_block': 2, 'num_grow_ch': 4},
                     'blocks': [{'after': 'body.1', 'type': 'WindowedNonLocalBlock', 'nl_scope': 'window',

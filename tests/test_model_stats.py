@@ -50,7 +50,8 @@ def test_nlrn_depth_is_one_plus_three_per_step_plus_one():
 
 def test_window_reach_grows_with_the_steps_and_zero_g_is_looked_through():
     def rf(steps):
-        net = NLRN(num_feat=8, num_embed=4, num_steps=steps, nl_scope='window', window_size=3)
+        net = NLRN(num_feat=8, num_embed=4, num_steps=steps, nl_scope='window', window_size=3,
+                   img_range=1.0)  # random weights on 0..255 pixels saturate the softmax: gradients vanish
         return receptive_field(net, torch.rand(1, 1, 41, 41))
     # radius: conv_first and conv_last 1 each; every step the window's 1 and its two 3x3 convs' 2 (with g
     # left at zero the window would add nothing: 9 and 13)
@@ -90,7 +91,7 @@ def test_injection_overhead_has_a_row_per_block():
     net_opt = {'type': 'NonLocalInjection',
                'base': {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 2, 'upscale': 2},
                'blocks': [{'after': 'body.0', 'type': 'N3Block', 'k': 2, 'embed_feat': 8, 'patch_size': 4,
-                           'stride': 2, 'window_size': 5},
+                           'stride': 2, 'search_size': 5},
                           {'after': 'body.1', 'type': 'WindowedNonLocalBlock', 'nl_scope': 'window', 'window_size': 5,
                            'num_embed': 4}]}
     rows = _script().injection_overhead(net_opt, size=(24, 20), repeats=1)

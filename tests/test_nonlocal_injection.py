@@ -12,7 +12,7 @@ EDSR = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_blo
 RRDB = {'type': 'RRDBNet', 'num_in_ch': 3, 'num_out_ch': 3, 'scale': 4, 'num_feat': 8, 'num_block': 2,
         'num_grow_ch': 4}
 # Small N3 (patches 4 at stride 2, a 5x5-patch search region = 12 px) and window blocks (q = 5).
-N3 = {'type': 'N3Block', 'k': 2, 'embed_feat': 8, 'patch_size': 4, 'stride': 2, 'window_size': 5}
+N3 = {'type': 'N3Block', 'k': 2, 'embed_feat': 8, 'patch_size': 4, 'stride': 2, 'search_size': 5}
 WIN = {'type': 'WindowedNonLocalBlock', 'nl_scope': 'window', 'window_size': 5, 'num_embed': 4}
 CASES = {'edsr_n3': (EDSR, [dict(N3, after='body.1')]),
          'rrdb_window': (RRDB, [dict(WIN, after='body.0'), dict(WIN, after='body.1')]),

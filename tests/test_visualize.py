@@ -16,7 +16,7 @@ pytest.importorskip('matplotlib')
 
 NLRN = {'type': 'NLRN', 'num_feat': 8, 'num_embed': 4, 'num_steps': 3, 'nl_scope': 'window', 'window_size': 7}
 N3NET = {'type': 'N3Net', 'num_feat': 8, 'depth': 2, 'num_inter_ch': 4, 'k': 3, 'patch_size': 4, 'stride': 2,
-         'window_size': 5, 'embed_feat': 8}
+         'search_size': 5, 'embed_feat': 8}
 INJECTED = {'type': 'NonLocalInjection',
             'base': {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 2, 'upscale': 2},
             'blocks': [{'after': 'body.1', 'type': 'WindowedNonLocalBlock', 'nl_scope': 'window', 'window_size': 5,

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from nl_plugin.archs.dncnn_arch import run_sequential
+from nl_plugin.archs.arch_util import run_sequential
 from nl_plugin.ops import n3 as n3ops
 
 
@@ -70,14 +70,12 @@ def _normalize(logits, normalization):
 @contextlib.contextmanager
 def _whole_image(net):
     """Run NLRN on the whole image: its band-streamed window inference calls the step modules on row bands."""
-    if not hasattr(net, '_can_stream'):
-        yield
-        return
-    net._can_stream = lambda x: False
+    saved = net.stream_inference
+    net.stream_inference = False
     try:
         yield
     finally:
-        del net._can_stream
+        net.stream_inference = saved
 
 
 def _block_of_step(net, t):
@@ -264,8 +262,7 @@ def n3_neighbours(block, x, pixels=(), match=None, patches=None):
             emb = n3ops.extract_patches(F.pad(run_sequential(block.embed, x), pad), p, s)
             temp = n3ops.patch_temperature(F.pad(run_sequential(block.temp, x), pad), p, s, block.temp_mode,
                                            block.temp_offset)
-        search = getattr(block, 'search_size', None) or block.window_size     # search region, in patches
-        index = n3ops.candidate_index(grid[0], grid[1], search, device=x.device)
+        index = n3ops.candidate_index(grid[0], grid[1], block.search_size, device=x.device)
         _check_pixels(pixels, h, w)
         queries = [(px, _query_patch(px, grid, pad, p, s)) for px in pixels]
         if patches is not None:
@@ -273,8 +270,8 @@ def n3_neighbours(block, x, pixels=(), match=None, patches=None):
         out = []
         for pixel, q in queries:
             dist = n3ops.patch_sqdist(emb[:, q:q + 1], emb, index[q:q + 1])      # (1, 1, M)
-            fn, inputs = block._weights(dist, None if temp is None else temp[:, q:q + 1], 1)
-            weights = fn(*inputs)[0, 0]                                          # (k, M)
+            inputs = block._selection_inputs(dist, None if temp is None else temp[:, q:q + 1])
+            weights = n3ops.neighbour_weights(*inputs, k=block.k, selection=block.selection)[0, 0]  # (k, M)
             out.append(PatchNeighbours(tuple(pixel), q, weights.float().cpu(), index[q].cpu(), grid, pad, p, s,
                                        None if temp is None else temp[0].view(grid).float().cpu()))
         return out

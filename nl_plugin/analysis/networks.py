@@ -8,7 +8,7 @@ import torch
 import yaml
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from nl_plugin.compat import check_kwargs
+from nl_plugin.config_checks import check_kwargs
 
 
 def parse_overrides(items):

@@ -133,6 +133,9 @@ class NLRN(nn.Module):
             raise ValueError(f'nonlocal_every must be a positive int, got {nonlocal_every!r}')
         self.num_in_ch, self.num_steps, self.nonlocal_every = num_in_ch, num_steps, nonlocal_every
         self.img_range = float(img_range)
+        #: Window-scope inference on large images may run in bands of rows (same result, less memory). Set
+        #: False to run every step on the whole image, e.g. to capture per-step activations with hooks.
+        self.stream_inference = True
         self.propagate_correlation = propagate_correlation
         self.nl_steps = [t for t in range(num_steps) if t % nonlocal_every == 0]
 
@@ -192,7 +195,8 @@ class NLRN(nn.Module):
         lean = not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
         blk = self.nonlocal_blocks[0]
         path = route_network(grad=not lean, training=self.training, window_size=blk.attention_window,
-                             border=blk.border, height=x.shape[2], width=x.shape[3], device=x.device)
+                             border=blk.border, height=x.shape[2], width=x.shape[3], device=x.device,
+                             allow_bands=self.stream_inference)
         if path is Kernel.BANDS:
             return stream_forward(self, x) / self.img_range
         s0 = self.stem(x)

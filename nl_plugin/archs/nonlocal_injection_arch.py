@@ -26,7 +26,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from nl_plugin.compat import check_kwargs
+from nl_plugin.config_checks import check_kwargs
 
 # Wrappers whose forward is running, per thread (DataParallel runs its replicas in threads): an insertion
 # hook finds its blocks in the wrapper that is running, so replicas and deep copies use their own blocks.

@@ -160,7 +160,7 @@ def route_step(*, window_size: Optional[int], border: str, normalization: str, g
 
 
 def route_network(*, grad: bool, training: bool, window_size: Optional[int], border: str, height: int, width: int,
-                  device: torch.device) -> Optional[Kernel]:
+                  device: torch.device, allow_bands: bool = True) -> Optional[Kernel]:
     """Whether a network streams its window-scope inference in bands of rows (``Kernel.BANDS``) or runs
     every step on the whole image (None; each step is then routed by ``route_step``). On CUDA with
     FlexAttention every step runs on the whole image (its carried embeddings are linear in the image).
@@ -171,8 +171,9 @@ def route_network(*, grad: bool, training: bool, window_size: Optional[int], bor
         border (str): 'exclude' or 'circular' (bands need 'exclude').
         height, width (int): Image size.
         device (torch.device): Device of the input.
+        allow_bands (bool): False keeps every step on the whole image (``NLRN.stream_inference``).
     """
-    bands = (not grad and not training and window_size is not None and border == 'exclude'
+    bands = (allow_bands and not grad and not training and window_size is not None and border == 'exclude'
              and max(height, width) >= STREAM_WINDOWS * window_size and not _flex_applies(device, 'softmax'))
     kernel = Kernel.BANDS if bands else None
     if not torch.compiler.is_compiling():
