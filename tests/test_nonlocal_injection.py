@@ -154,10 +154,21 @@ def test_deep_copy_runs_its_own_blocks():
     assert not torch.allclose(twin(x), net(x), atol=1e-4)
 
 
-def test_warns_when_a_block_does_not_start_as_identity(caplog):
+def test_warns_when_a_block_does_not_start_as_identity(caplog, monkeypatch):
+    import logging
+
+    from nl_plugin.archs.windowed_nonlocal_arch import WindowedNonLocalBlock
+    logger = logging.getLogger('basicsr')  # BasicSR's logger does not propagate once it is set up
+    monkeypatch.setattr(logger, 'handlers', logger.handlers + [caplog.handler])
     NonLocalInjection(EDSR, [dict(WIN, after='body.0')])
     assert 'identity' not in caplog.text
-    NonLocalInjection(EDSR, [dict(WIN, after='body.0', zero_init_g=False)])
+    reset = WindowedNonLocalBlock.reset_parameters
+
+    def reset_without_zero_g(self):  # a block whose g is not zero-initialised
+        reset(self)
+        torch.nn.init.normal_(self.g.weight)
+    monkeypatch.setattr(WindowedNonLocalBlock, 'reset_parameters', reset_without_zero_g)
+    NonLocalInjection(EDSR, [dict(WIN, after='body.0')])
     assert 'do not start as the identity' in caplog.text
 
 
