@@ -5,12 +5,14 @@ YAML (besides everything ``SRModel`` reads)::
     residual_learning: false        # output = input + net(input), for archs that do not add it
     train:
       optim_g: {type: Adam, lr: 1e-3, weight_decay: 1e-4, no_weight_decay: ['bias$']}
+      precision: fp32               # or bf16 | fp16 | auto: autocast dtype (nl_plugin.models.precision)
       scheduler: {type: ExponentialDecayLR, lr_end: 1e-8}     # or any BasicSR scheduler
       grad_clip: {mode: per_tensor, max_norm: 2.5}            # or mode: global_norm
       progress_bar: true                                      # tqdm bar on rank 0
     val:
       self_ensemble: false          # x8 flips/rotations (NLRN-MV)
       tile: {size: 45, stride: 7, batch: 100}                 # or {size, overlap, batch}
+      precision: fp32               # or bf16 | fp16 | auto, for validation and `basicsr test`
       metrics: {psnr: {type: calculate_psnr, crop_border: 0, test_y_channel: false}}
 
 Validation runs on every process of a distributed job: images are split across ranks and the metrics
@@ -38,9 +40,11 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
 
+from .precision import ModelPrecision
+
 _TRAIN_KEYS = {'total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt',
-               'grad_clip', 'progress_bar'}
-_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'self_ensemble', 'tile'}
+               'grad_clip', 'progress_bar', 'precision'}
+_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'self_ensemble', 'tile', 'precision'}
 _TILE_KEYS = {'size', 'stride', 'overlap', 'batch'}
 _CLIP_MODES = ('global_norm', 'per_tensor')
 
@@ -63,6 +67,7 @@ class RestorationModel(SRModel):
         self.validate_options(opt)
         self.residual_learning = bool(opt.get('residual_learning', False))
         super().__init__(opt)
+        self.precision = ModelPrecision(opt, self.device, get_root_logger())
         self._expected_in_ch = self._first_layer_channels(self.get_bare_model(self.net_g))
         self._pbar = None
 
@@ -81,6 +86,7 @@ class RestorationModel(SRModel):
                     raise ValueError(f'train:grad_clip:mode must be one of {_CLIP_MODES}, got {clip.get("mode")!r}')
                 if not float(clip.get('max_norm', 0)) > 0:
                     raise ValueError(f'train:grad_clip:max_norm must be > 0, got {clip.get("max_norm")!r}')
+        ModelPrecision.check_options(opt)
         val = opt.get('val')
         if val is not None:
             _check_keys(val, _VAL_KEYS, 'val')
@@ -159,7 +165,7 @@ class RestorationModel(SRModel):
                 p.grad.mul_(max_norm / torch.clamp(norm, min=max_norm))
 
     def _forward(self, net, x):
-        out = net(x)
+        out = self.precision.run(net, x, training=torch.is_grad_enabled())
         if self.residual_learning:
             out = out + x[:, :out.shape[1]]
         return out
@@ -189,9 +195,9 @@ class RestorationModel(SRModel):
                     l_total = l_total + val
                     loss_dict[key] = val
         self._check_finite(l_total, current_iter)
-        l_total.backward()
+        self.precision.backward(l_total, self.optimizer_g)
         self._clip_gradients()
-        self.optimizer_g.step()
+        self.precision.step(self.optimizer_g)
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
