@@ -74,17 +74,17 @@ def _official_step_reference(net, x):
     return x + net.conv_last(torch.relu(net.bn_last(s)))
 
 
-def test_patch_scope_matches_pseudocode():
+def test_global_scope_matches_pseudocode():
     net = _tiny()
     x = torch.rand(2, 1, 6, 7, dtype=torch.float64)
     torch.testing.assert_close(net(x), _official_step_reference(net, x))
 
 
-def test_patch_weights_run_in_window_scope():
+def test_global_weights_run_in_window_scope():
     net = _tiny()
     x = torch.rand(1, 1, 9, 8, dtype=torch.float64)
     ref = net(x)
-    win = _tiny(nl_scope='window', window_size=17)   # >= 2x image: equals the patch scope
+    win = _tiny(nl_scope='window', window_size=17)   # >= 2x image: equals the global scope
     win.load_state_dict(net.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(win(x), ref)
@@ -99,7 +99,7 @@ def test_patch_weights_run_in_window_scope():
 
 def _dense_window_reference(net, x, window_size):
     """The pseudo-code with an explicit window mask on dense logits (eq. 5-6), embedded Gaussian."""
-    from nl_plugin.ops.windowed_attention import window_mask
+    from nl_plugin.ops.nlrn_attention import window_mask
     mask = window_mask(x.shape[2], x.shape[3], window_size)
     blk = net.nonlocal_blocks[0]
     s0 = net.conv_first(net.bn_first(x))
@@ -128,8 +128,8 @@ def _count_band_calls(monkeypatch):
     """Wrap the banded attention op NLRN streams with; returns the live calls / live logits record."""
     import weakref
 
-    from nl_plugin.archs import nlrn_arch
-    orig = nlrn_arch.window_attention_rows
+    from nl_plugin.archs import nlrn_stream
+    orig = nlrn_stream.window_attention_rows
     rec = {'calls': 0, 'live': weakref.WeakValueDictionary(), 'max_live': 0}
 
     def wrapped(*args, **kw):
@@ -139,7 +139,7 @@ def _count_band_calls(monkeypatch):
             rec['live'][rec['calls']] = res[1]
             rec['max_live'] = max(rec['max_live'], len({id(t) for t in rec['live'].values()}))   # updated in place
         return res
-    monkeypatch.setattr(nlrn_arch, 'window_attention_rows', wrapped)
+    monkeypatch.setattr(nlrn_stream, 'window_attention_rows', wrapped)
     return rec
 
 
@@ -189,14 +189,14 @@ def test_stream_frees_its_buffers_without_garbage_collection():
     cycles itself, or every image's row buffers stay alive until a full collection."""
     import gc
 
-    from nl_plugin.archs import nlrn_arch
+    from nl_plugin.archs import nlrn_stream
     net = _tiny(nl_scope='window', window_size=5)
     gc.collect()
     gc.disable()
     try:
         with torch.no_grad():
             net(torch.rand(1, 1, 40, 12, dtype=torch.float64))
-        assert not [o for o in gc.get_objects() if type(o) is nlrn_arch._Stage]
+        assert not [o for o in gc.get_objects() if issubclass(type(o), (nlrn_stream._Stage, nlrn_stream._Context))]
     finally:
         gc.enable()
 
@@ -204,7 +204,7 @@ def test_stream_only_where_it_applies(monkeypatch):
     rec = _count_band_calls(monkeypatch)
     x = torch.rand(1, 1, 30, 9, dtype=torch.float64)
     with torch.no_grad():
-        for net in (_tiny(nl_scope='window', window_size=5, border='circular'), _tiny(nl_scope='patch'),
+        for net in (_tiny(nl_scope='window', window_size=5, border='circular'), _tiny(nl_scope='global'),
                     _tiny(nl_scope='window', window_size=9).train()):
             net(x)
         _tiny(nl_scope='window', window_size=5)(x[:, :, :19])     # long side < 4 windows
@@ -212,17 +212,17 @@ def test_stream_only_where_it_applies(monkeypatch):
 
 
 @pytest.mark.parametrize('correlation', sorted(CORRELATIONS))
-@pytest.mark.parametrize('scope', ['patch', 'window'])
+@pytest.mark.parametrize('scope', ['global', 'window'])
 def test_correlations_build_and_run(correlation, scope):
     net = _tiny(correlation=correlation, nl_scope=scope, window_size=5)
     x = torch.rand(1, 1, 6, 7, dtype=torch.float64)
     y = net(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
-    global_net = _tiny(correlation=correlation, nl_scope='window', window_size=None)
+    whole = _tiny(correlation=correlation, nl_scope='window', window_size=13)
+    whole.load_state_dict(net.state_dict())
+    global_net = _tiny(correlation=correlation)
     global_net.load_state_dict(net.state_dict())
-    patch = _tiny(correlation=correlation)
-    patch.load_state_dict(net.state_dict())
-    torch.testing.assert_close(global_net(x), patch(x))   # window_size None = whole image
+    torch.testing.assert_close(whole(x), global_net(x))   # a window covering the whole image = global scope
 
 
 def test_ablation_options():
@@ -254,6 +254,25 @@ def test_bad_arguments():
         NLRN(num_feat=8, num_embed=4, num_steps=1)(torch.rand(1, 3, 8, 8))
     with pytest.raises(ValueError, match='WindowedNonLocalBlock'):
         WindowedNonLocalBlock(num_feat=8, num_embed=4)(torch.rand(1, 4, 3, 3))
+
+
+@pytest.mark.parametrize('cls', [NLRN, WindowedNonLocalBlock])
+def test_renamed_scope_options_are_refused(cls):
+    """One spelling for global attention: nl_scope 'global' (not 'patch', not window_size None or 0)."""
+    with pytest.raises(ValueError, match="nl_scope 'patch' is now called 'global'"):
+        cls(nl_scope='patch')
+    for size in (None, 0):
+        with pytest.raises(ValueError, match='nl_scope: global'):
+            cls(nl_scope='window', window_size=size)
+
+
+def test_scope_defaults():
+    assert NLRN(num_feat=8, num_embed=4, num_steps=1).nonlocal_blocks[0].nl_scope == 'global'   # official
+    blk = WindowedNonLocalBlock(num_feat=8, num_embed=4)
+    assert blk.nl_scope == 'window' and blk.window_size == 45
+    assert blk.g.weight.abs().sum() == 0 and blk.theta.weight.abs().sum() > 0   # the block's own init
+    with pytest.raises(TypeError, match='zero_init_g'):    # g always starts at zero (official)
+        WindowedNonLocalBlock(zero_init_g=False)
 
 
 @pytest.mark.skipif(tiled_forward is None, reason='tiling helper not available')

@@ -1,11 +1,13 @@
 """Non-local module of NLRN (Liu et al., NeurIPS 2018, Sec. 3.1-3.2) as a reusable block."""
+from typing import Optional, Tuple, Union
+
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-from nl_plugin.ops.windowed_attention import (CorrelationState, check_window_args, euclidean_embeddings,
-                                              propagated_attention)
+from nl_plugin.ops.nlrn_attention import (CorrelationState, check_window_args, euclidean_embeddings,
+                                          propagated_attention)
 
 # Paper Table 1 correlation functions -> (embedding used for query/key, normalisation).
 CORRELATIONS = {
@@ -16,7 +18,23 @@ CORRELATIONS = {
     'symmetric_embedded_gaussian': ('theta', 'softmax'),    # exp(theta(x_i) . theta(x_j))
     'embedded_gaussian': ('theta_phi', 'softmax'),          # exp(theta(x_i) . phi(x_j)), NLRN default
 }
-SCOPES = ('patch', 'window')
+SCOPES = ('global', 'window')
+
+
+def check_scope(nl_scope: str, window_size: int, border: str) -> int:
+    """Validate ``nl_scope`` and ``window_size``; global attention has one spelling, ``nl_scope='global'``.
+
+    Returns:
+        int: ``window_size``.
+    """
+    if nl_scope == 'patch':
+        raise ValueError("nl_scope 'patch' is now called 'global'")
+    if nl_scope not in SCOPES:
+        raise ValueError(f'nl_scope must be one of {SCOPES}, got {nl_scope!r}')
+    if window_size is None or window_size == 0:
+        raise ValueError(f'window_size must be an odd int >= 1, got {window_size!r}; for attention over the whole '
+                         f'input use nl_scope: global')
+    return check_window_args(window_size, border)
 
 
 @ARCH_REGISTRY.register()
@@ -29,54 +47,59 @@ class WindowedNonLocalBlock(nn.Module):
 
     Neighbourhood (``nl_scope``), same weights for both:
 
-    * ``'patch'``: the whole input tensor (official code: 43x43 training patches; at test time the
-      image is tiled 45x45, see ``nl_plugin.ops.tiling.tiled_forward``).
     * ``'window'``: the ``window_size`` x ``window_size`` window centred on each pixel over the
-      whole image (the paper's description). ``window_size`` None or 0 means the whole image.
+      whole image (the paper's description).
+    * ``'global'``: the whole input tensor (official code: 43x43 training patches; at test time the
+      image is tiled 45x45, see ``nl_plugin.ops.tiling.tiled_forward``).
 
     Correlation functions (paper Table 1): softmax normalisation for the Gaussian family, and for
     'dot_product' / 'embedded_dot_product' division by the number N of neighbours (convention of
     Wang et al., Non-local Neural Networks). 'euclidean' uses exp(-||x_i - x_j||^2) on the features.
+    ``g`` starts at zero (official), so the block starts as the identity.
 
     Args:
         num_feat (int): Channels of the input and of ``g``. Default: 128.
         num_embed (int): Channels of theta/phi. Default: 64.
         correlation (str): One of ``CORRELATIONS``. Default: 'embedded_gaussian'.
-        nl_scope (str): 'patch' or 'window'. Default: 'patch'.
-        window_size (int | None): Odd window side for the window scope. Default: 45.
+        nl_scope (str): 'window' or 'global'. Default: 'window'.
+        window_size (int): Odd window side of the window scope. Default: 45.
         border (str): Window scope at the image border: 'exclude' (out-of-image neighbours left
             out of the normalisation) or 'circular' (wrap-around). Default: 'exclude'.
-        zero_init_g (bool): Initialise ``g`` to zero so the block starts as the identity
-            (official). Default: True.
     """
 
-    def __init__(self, num_feat=128, num_embed=64, correlation='embedded_gaussian', nl_scope='patch',
-                 window_size=45, border='exclude', zero_init_g=True):
+    def __init__(self, num_feat: int = 128, num_embed: int = 64, correlation: str = 'embedded_gaussian',
+                 nl_scope: str = 'window', window_size: int = 45, border: str = 'exclude'):
         super().__init__()
         if correlation not in CORRELATIONS:
             raise ValueError(f'correlation must be one of {sorted(CORRELATIONS)}, got {correlation!r}')
-        if nl_scope not in SCOPES:
-            raise ValueError(f'nl_scope must be one of {SCOPES}, got {nl_scope!r}')
-        self.window_size = check_window_args(window_size, border) if nl_scope == 'window' else 0
+        self.window_size = check_scope(nl_scope, window_size, border)
         self.nl_scope, self.border, self.correlation = nl_scope, border, correlation
         self.num_feat = num_feat
         embed, self.normalization = CORRELATIONS[correlation]
         self.theta = nn.Conv2d(num_feat, num_embed, 1) if embed != 'none' else None
         self.phi = nn.Conv2d(num_feat, num_embed, 1) if embed == 'theta_phi' else None
         self.g = nn.Conv2d(num_feat, num_feat, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform kernels and zero biases (TF defaults), then ``g`` zeroed (official)."""
         for conv in (self.theta, self.phi, self.g):
             if conv is not None:
-                nn.init.xavier_uniform_(conv.weight)
+                nn.init.xavier_uniform_(conv.weight)    # g too: seeded layers after it draw the same numbers
                 nn.init.zeros_(conv.bias)
-        if zero_init_g:
-            nn.init.zeros_(self.g.weight)
+        nn.init.zeros_(self.g.weight)
+
+    @property
+    def attention_window(self) -> Optional[int]:
+        """Window side passed to the attention ops: ``window_size``, or None in the global scope."""
+        return self.window_size if self.nl_scope == 'window' else None
 
     @staticmethod
     def _conv_cl(x_cl, conv):
         """1x1 conv on channels-last (B, H, W, C) features."""
         return F.linear(x_cl, conv.weight.flatten(1), conv.bias)
 
-    def embed(self, x_cl, query=True, key_value=True):
+    def embed(self, x_cl: torch.Tensor, query: bool = True, key_value: bool = True) -> Tuple[torch.Tensor, ...]:
         """Query and key embeddings and values of channels-last features.
 
         Args:
@@ -96,7 +119,8 @@ class WindowedNonLocalBlock(nn.Module):
             k = q if self.phi is None else self._conv_cl(x_cl, self.phi) if key_value else None
         return ((q, ) if query else ()) + ((k, self._conv_cl(x_cl, self.g)) if key_value else ())
 
-    def attend(self, x, state=None, propagate=True):
+    def attend(self, x: torch.Tensor, state: Optional[CorrelationState] = None,
+               propagate: bool = True) -> Tuple[torch.Tensor, Optional[CorrelationState]]:
         """Attention term ``A g`` and the new correlation state.
 
         Args:
@@ -110,11 +134,12 @@ class WindowedNonLocalBlock(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.num_feat:
             raise ValueError(f'WindowedNonLocalBlock expects (B, {self.num_feat}, H, W), got {tuple(x.shape)}')
         q, k, v = self.embed(x.permute(0, 2, 3, 1))
-        out, state = propagated_attention(q, k, v, state, self.window_size, self.border, self.normalization,
+        out, state = propagated_attention(q, k, v, state, self.attention_window, self.border, self.normalization,
                                           propagate=propagate)
         return out.permute(0, 3, 1, 2), state
 
-    def forward(self, x, state=None, return_state=False):
+    def forward(self, x: torch.Tensor, state: Optional[CorrelationState] = None,
+                return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, Optional[CorrelationState]]]:
         """Args:
             x (Tensor): (B, num_feat, H, W).
             state (CorrelationState, optional): Correlation carried from a previous step.
@@ -128,4 +153,4 @@ class WindowedNonLocalBlock(nn.Module):
         return (out, new_state) if return_state else out
 
 
-__all__ = ['WindowedNonLocalBlock', 'CORRELATIONS', 'SCOPES', 'CorrelationState']
+__all__ = ['WindowedNonLocalBlock', 'CORRELATIONS', 'SCOPES', 'CorrelationState', 'check_scope']

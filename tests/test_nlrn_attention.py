@@ -1,14 +1,33 @@
-"""Windowed / global non-local attention with correlation propagation vs naive dense references."""
+"""NLRN attention ops (window / global, correlation propagation): every kernel vs the dense oracle, and the router."""
+import logging
+
 import pytest
 import torch
 
-from nl_plugin.ops.windowed_attention import (CorrelationState, dense_attention_reference, euclidean_embeddings,
-                                              global_attention, propagated_attention, window_attention, window_mask)
+from nl_plugin.ops.nlrn_attention import (CorrelationState, Kernel, Layout, dense_attention_reference,
+                                          euclidean_embeddings, global_attention, propagated_attention,
+                                          window_attention, window_attention_rows, window_mask)
+from nl_plugin.ops.nlrn_attention import halo_inference, router
+from nl_plugin.ops.nlrn_attention.common import requires_grad, window_geometry
+from nl_plugin.ops.nlrn_attention.halo import halo_attention
+from nl_plugin.ops.nlrn_attention.halo_inference import strips_attention
 
 
 def _qkv(b, h, w, d=3, c=4, grad=False):
     t = [torch.randn(b, h, w, n, dtype=torch.float64, requires_grad=grad) for n in (d, d, c)]
     return t
+
+
+def _window(q, k, v, ws, border='exclude', norm='softmax', prev_logits=None, return_logits=False, block=None,
+            block_layout=False):
+    """``window_attention``, or with a block size the kernel it routes to (halo with autograd, else strips)."""
+    if block is None and not block_layout:
+        return window_attention(q, k, v, ws, border, norm, prev_logits=prev_logits, return_logits=return_logits)
+    geo = window_geometry(q.shape[1], q.shape[2], ws, border)
+    if requires_grad(q, k, v, prev_logits):
+        return halo_attention(q, k, v, geo, norm, prev_logits, return_logits, block_size=block)
+    return strips_attention(q, k, v, geo, norm, prev_logits, return_logits, block_size=block or 8,
+                            block_layout=block_layout)
 
 
 CASES = [  # h, w, window, border, normalization
@@ -31,8 +50,8 @@ def test_window_matches_dense_two_steps(h, w, ws, border, norm, block):
     for grad in (False, True):   # inference path and autograd path
         qq = q.clone().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            out, logits = window_attention(qq, k, v, ws, border, norm, return_logits=True, block_size=block)
-            out2 = window_attention(q2, k2, v, ws, border, norm, prev_logits=logits.clone(), block_size=block)
+            out, logits = _window(qq, k, v, ws, border, norm, return_logits=True, block=block)
+            out2 = _window(q2, k2, v, ws, border, norm, prev_logits=logits.clone(), block=block)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(out2, ref2, rtol=0, atol=1e-12)
 
@@ -42,16 +61,14 @@ def test_window_matches_dense_two_steps(h, w, ws, border, norm, block):
 def test_inference_groups_reuse_buffers(border, norm, monkeypatch):
     """One block column per group: the key/value strip and weight buffers are reused across the
     left edge, interior columns and the right edge, and must not leak values between groups."""
-    from nl_plugin.ops import windowed_attention as wa
-    monkeypatch.setattr(wa, '_GROUP_BYTES', 1)
+    monkeypatch.setattr(halo_inference, '_GROUP_BYTES', 1)
     q, k, v = _qkv(2, 11, 37)
     ref, dense_logits = dense_attention_reference(q, k, v, 5, border, norm)
     q2, k2, _ = _qkv(2, 11, 37)
     ref2, _ = dense_attention_reference(q2, k2, v, 5, border, norm, prev_logits=dense_logits)
     with torch.no_grad():
-        out, logits = window_attention(q, k, v, 5, border, norm, return_logits=True, block_size=3,
-                                       logits_layout='blocks')
-        out2 = window_attention(q2, k2, v, 5, border, norm, prev_logits=logits, block_size=3, logits_layout='blocks')
+        out, logits = _window(q, k, v, 5, border, norm, return_logits=True, block=3, block_layout=True)
+        out2 = _window(q2, k2, v, 5, border, norm, prev_logits=logits, block=3, block_layout=True)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(out2, ref2, rtol=0, atol=1e-12)
 
@@ -65,8 +82,8 @@ def test_fp32_inference_with_widely_spread_logits(spread):
     ref, ref_logits = dense_attention_reference(q, k, v, 7)
     ref2, _ = dense_attention_reference(q, k, v, 7, prev_logits=ref_logits)
     with torch.no_grad():
-        out, logits = window_attention(q.float(), k.float(), v.float(), 7, return_logits=True, logits_layout='blocks')
-        out2 = window_attention(q.float(), k.float(), v.float(), 7, prev_logits=logits, logits_layout='blocks')
+        out, logits = _window(q.float(), k.float(), v.float(), 7, return_logits=True, block_layout=True)
+        out2 = _window(q.float(), k.float(), v.float(), 7, prev_logits=logits, block_layout=True)
     # fp32 rounding of logits of magnitude ~100 alone gives errors up to ~4e-5 here; a floor only
     # 10 below the maximum would err by ~1e-2.
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-4)
@@ -107,7 +124,7 @@ def test_window_gradcheck_with_carried_logits(border, norm):
     prev = torch.randn(1, 3, 4, 9, dtype=torch.float64, requires_grad=True)
 
     def fn(q, k, v, prev):
-        out, logits = window_attention(q, k, v, 3, border, norm, prev_logits=prev, return_logits=True, block_size=2)
+        out, logits = _window(q, k, v, 3, border, norm, prev_logits=prev, return_logits=True, block=2)
         return out, logits.masked_fill(~torch.isfinite(logits), 0)
 
     assert torch.autograd.gradcheck(fn, (q, k, v, prev), fast_mode=True)
@@ -124,7 +141,7 @@ def test_window_gradients_match_dense():
     q, k, v = _qkv(2, 9, 8, 3, 4, grad=True)
     w = torch.randn(2, 9, 8, 4, dtype=torch.float64)
     grads = []
-    for fn in (lambda: window_attention(q, k, v, 5, block_size=4),
+    for fn in (lambda: _window(q, k, v, 5, block=4),
                lambda: dense_attention_reference(q, k, v, 5)[0]):
         (fn() * w).sum().backward()
         grads.append([t.grad.clone() for t in (q, k, v)])
@@ -136,17 +153,21 @@ def test_window_gradients_match_dense():
 
 @pytest.mark.parametrize('ws', [None, 5])
 @pytest.mark.parametrize('store', [True, False])
-def test_propagated_attention_three_steps(ws, store):
-    """Carried logits and concatenated embeddings both reproduce the running logit sum (eq. 6)."""
+def test_propagated_attention_three_steps(ws, store, monkeypatch):
+    """Carried logits and concatenated embeddings both reproduce the running logit sum (eq. 6).
+    Window logits are carried while they fit in the available memory, else the embeddings."""
+    if not store:
+        monkeypatch.setattr(router, '_available_memory_bytes', lambda device: 0)
     v = torch.randn(1, 7, 8, 4, dtype=torch.float64)
     state, dense = None, None
     for _ in range(3):
         q, k, _ = _qkv(1, 7, 8)
-        out, state = propagated_attention(q, k, v, state, ws, store_logits=store)
+        out, state = propagated_attention(q, k, v, state, ws)
         ref, dense = dense_attention_reference(q, k, v, ws, prev_logits=dense)
         torch.testing.assert_close(out, ref)
     assert isinstance(state, CorrelationState)
     assert (state.logits is not None) == (store and ws is not None)
+    assert state.layout is (Layout.BLOCKS if store and ws is not None else Layout.EMBEDDINGS)
     out, none = propagated_attention(q, k, v, None, ws, propagate=False)
     assert none is None
 
@@ -182,10 +203,8 @@ def test_mask_and_errors():
 def test_window_rows_in_bands_match_dense_two_steps(h, w, ws, norm, blocks_per_matmul, monkeypatch):
     """Bands of 8 query rows with only the key rows their windows reach == the whole image, carried logits too.
     A band's blocks are batched into matmuls (all of them, or 2 at a time: edge and interior batches)."""
-    from nl_plugin.ops import windowed_attention as wa
-    from nl_plugin.ops.windowed_attention import window_attention_rows
     if blocks_per_matmul:   # halo logits of one 8x8 query block: 64 x (8 + 2r)^2 float64
-        monkeypatch.setattr(wa, '_GROUP_BYTES', blocks_per_matmul * 64 * (8 + ws - 1)**2 * 8)
+        monkeypatch.setattr(halo_inference, '_GROUP_BYTES', blocks_per_matmul * 64 * (8 + ws - 1)**2 * 8)
     q, k, v = _qkv(2, h, w)
     q2, k2, _ = _qkv(2, h, w)
     ref, dense_logits = dense_attention_reference(q, k, v, ws, 'exclude', norm)
@@ -205,7 +224,6 @@ def test_window_rows_in_bands_match_dense_two_steps(h, w, ws, norm, blocks_per_m
 
 
 def test_window_rows_rejects_bad_calls():
-    from nl_plugin.ops.windowed_attention import window_attention_rows
     q, k, v = _qkv(1, 10, 6)
     with pytest.raises(ValueError, match='not rows of k'):
         window_attention_rows(q[:, :4], k, v, 8, 3)
@@ -222,7 +240,6 @@ def test_small_image_training_carries_dense_logits(window_size, monkeypatch):
     gradient; without propagation each window step is one fused masked attention."""
     import torch.nn.functional as F
 
-    from nl_plugin.ops import windowed_attention as wa
     calls = []
     orig = F.scaled_dot_product_attention
     monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(k) or orig(*a, **k))
@@ -233,7 +250,7 @@ def test_small_image_training_carries_dense_logits(window_size, monkeypatch):
         ref, logits = dense_attention_reference(q, k, v, window_size, prev_logits=logits)
         outs.append(out)
         refs.append(ref)
-        assert state.q is None and state.logits.shape == (2, 99, 99)
+        assert state.q is None and state.logits.shape == (2, 99, 99) and state.layout is Layout.DENSE
     assert not calls
     torch.testing.assert_close(torch.stack(outs), torch.stack(refs), rtol=0, atol=1e-12)
     leaves = [t for s in steps for t in s]
@@ -253,6 +270,89 @@ def test_small_image_training_carries_dense_logits(window_size, monkeypatch):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     # Larger images and inference keep the blocked algorithm.
     big = [t.detach().requires_grad_() for t in _qkv(1, 70, 70, d=2, c=2)]
-    assert not wa._use_masked_sdpa(*big, 'softmax')
+    assert _route_window(*big) is Kernel.HALO
     with torch.no_grad():
-        assert not wa._use_masked_sdpa(*_qkv(1, 9, 11, grad=True), 'softmax')
+        assert _route_window(*_qkv(1, 9, 11, grad=True)) is Kernel.STRIPS
+
+
+def _route_window(q, k, v, normalization='softmax', prev_logits=None, return_logits=False):
+    return router.route_window(grad=requires_grad(q, k, v, prev_logits), normalization=normalization,
+                               pixels=q.shape[1] * q.shape[2], prev_logits=prev_logits is not None,
+                               return_logits=return_logits, device=q.device)
+
+
+_CPU = torch.device('cpu')
+
+
+@pytest.mark.parametrize('kw,expected', [
+    # autograd on small images (NLRN's 43x43 training patches): dense logits carried, any scope
+    (dict(window_size=45, grad=True, shape=(16, 43, 43)), (Kernel.DENSE_LOGITS, Layout.DENSE)),
+    (dict(window_size=None, grad=True, shape=(16, 43, 43)), (Kernel.DENSE_LOGITS, Layout.DENSE)),
+    (dict(window_size=None, grad=False, shape=(16, 43, 43), carried=Layout.DENSE), (Kernel.DENSE_LOGITS, Layout.DENSE)),
+    # dense logits too large (batch 32): fused kernels carrying embeddings
+    (dict(window_size=45, grad=True, shape=(32, 43, 43)), (Kernel.MASKED_SDPA, Layout.EMBEDDINGS)),
+    (dict(window_size=None, grad=True, shape=(32, 43, 43)), (Kernel.SDPA, Layout.EMBEDDINGS)),
+    (dict(window_size=None, grad=True, shape=(32, 43, 43), normalization='count'), (Kernel.LINEAR, Layout.EMBEDDINGS)),
+    (dict(window_size=45, grad=True, shape=(16, 43, 43), propagate=False), (Kernel.MASKED_SDPA, None)),
+    (dict(window_size=None, grad=False, shape=(1, 45, 45)), (Kernel.SDPA, Layout.EMBEDDINGS)),
+    (dict(window_size=45, grad=True, shape=(16, 43, 43), carried=Layout.EMBEDDINGS),
+     (Kernel.MASKED_SDPA, Layout.EMBEDDINGS)),
+    # large images: halo kernels carrying window logits (image layout with autograd, blocks without)
+    (dict(window_size=45, grad=True, shape=(1, 200, 200)), (Kernel.HALO, Layout.IMAGE)),
+    (dict(window_size=45, grad=False, shape=(1, 321, 481)), (Kernel.STRIPS, Layout.BLOCKS)),
+    (dict(window_size=45, grad=False, shape=(16, 43, 43)), (Kernel.STRIPS, Layout.BLOCKS)),
+    (dict(window_size=45, grad=False, shape=(1, 321, 481), carried=Layout.BLOCKS), (Kernel.STRIPS, Layout.BLOCKS)),
+    (dict(window_size=45, grad=False, shape=(1, 321, 481), carried=Layout.IMAGE), (Kernel.STRIPS, Layout.IMAGE)),
+    (dict(window_size=45, grad=True, shape=(1, 200, 200), carried=Layout.IMAGE), (Kernel.HALO, Layout.IMAGE)),
+    (dict(window_size=45, grad=False, shape=(1, 321, 481), propagate=False), (Kernel.STRIPS, None)),
+    (dict(window_size=45, grad=False, shape=(1, 321, 481), carried=Layout.EMBEDDINGS),
+     (Kernel.STRIPS, Layout.EMBEDDINGS)),
+    # window logits that do not fit in memory: embeddings
+    (dict(window_size=45, grad=False, shape=(1, 321, 481), memory=0), (Kernel.STRIPS, Layout.EMBEDDINGS)),
+    (dict(window_size=45, grad=True, shape=(1, 200, 200), memory=0), (Kernel.HALO, Layout.EMBEDDINGS)),
+])
+def test_router_picks_the_kernel_of_each_regime(kw, expected, monkeypatch):
+    memory = kw.pop('memory', 64 * 2**30)
+    monkeypatch.setattr(router, '_available_memory_bytes', lambda device: memory)
+    args = dict(border='exclude', normalization='softmax', element_size=4, device=_CPU, carried=None, propagate=True)
+    args.update(kw)
+    assert tuple(router.route_step(**args)) == expected
+
+
+def test_router_window_and_network_choices():
+    small = dict(normalization='softmax', pixels=43 * 43, prev_logits=False, return_logits=False, device=_CPU)
+    assert router.route_window(grad=True, **small) is Kernel.MASKED_SDPA
+    assert router.route_window(grad=False, **small) is Kernel.STRIPS
+    assert router.route_window(grad=True, **dict(small, normalization='count')) is Kernel.HALO
+    assert router.route_window(grad=True, **dict(small, return_logits=True)) is Kernel.HALO
+    assert router.route_window(grad=True, **dict(small, pixels=65 * 64)) is Kernel.HALO
+    net = dict(grad=False, training=False, window_size=45, border='exclude', height=321, width=180, device=_CPU)
+    assert router.route_network(**net) is Kernel.BANDS
+    assert router.route_network(**dict(net, height=60, width=180)) is Kernel.BANDS    # long side counts
+    for change in (dict(grad=True), dict(training=True), dict(window_size=None), dict(border='circular'),
+                   dict(height=179, width=179)):
+        assert router.route_network(**dict(net, **change)) is None, change
+    with pytest.raises(ValueError, match='window logits'):
+        router.route_step(window_size=None, border='exclude', normalization='softmax', grad=False, shape=(1, 9, 9),
+                          element_size=8, device=_CPU, carried=Layout.BLOCKS, propagate=True)
+    with pytest.raises(ValueError, match='inference-only'):
+        router.route_step(window_size=5, border='exclude', normalization='softmax', grad=True, shape=(1, 9, 9),
+                          element_size=8, device=_CPU, carried=Layout.BLOCKS, propagate=True)
+
+
+def test_propagated_attention_logs_and_runs_the_routed_kernel(caplog):
+    """The debug log names the kernel that ran; its state has the routed layout."""
+    q, k, v = _qkv(1, 19, 23)
+    with caplog.at_level(logging.DEBUG, logger='nl_plugin'), torch.no_grad():
+        out, state = propagated_attention(q, k, v, None, 5)
+    assert 'step -> strips, carry blocks' in caplog.text
+    assert state.layout is Layout.BLOCKS and state.logits.shape == (1, 3, 3, 64, 25)
+    torch.testing.assert_close(out, dense_attention_reference(q, k, v, 5)[0], rtol=0, atol=1e-12)
+
+
+def test_window_size_zero_is_not_global():
+    q, k, v = _qkv(1, 4, 4)
+    for fn in (lambda: propagated_attention(q, k, v, None, 0), lambda: dense_attention_reference(q, k, v, 0),
+               lambda: window_mask(4, 4, 0), lambda: window_attention(q, k, v, None)):
+        with pytest.raises(ValueError, match='window_size'):
+            fn()

@@ -1,10 +1,8 @@
-"""Per-op benchmark cases for scripts/benchmark.py: the fast ops against their readable references."""
+"""Per-op benchmark cases: the fast ops against their readable references (same builder protocol as
+:mod:`nl_plugin.benchmark.network_cases`)."""
 import torch
 
-
-def _sync(device):
-    if device == 'cuda':
-        torch.cuda.synchronize()
+from .common import sync
 
 
 def _qkv(b, h, w, d, c, device, grad=False):
@@ -21,7 +19,7 @@ def window_fwd(impl, spread=False):
     ``spread`` the logits have a standard deviation of about 32 (peaked attention, as trained)
     instead of 0.08."""
     def build(device, quick):
-        from nl_plugin.ops import windowed_attention as wa
+        from nl_plugin.ops import nlrn_attention as wa
         h, w = (321, 481) if not quick else (80, 120)
         q, k, v = _qkv(1, h, w, 64, 128, device)
         if spread:
@@ -30,16 +28,16 @@ def window_fwd(impl, spread=False):
         fn = (lambda: wa.window_attention(q, k, v, 45)) if impl == 'fast' else \
             (lambda: wa.dense_attention_reference(q, k, v, 45)[0])
         p = 45 * 45
-        return {'fn': lambda: (fn(), _sync(device)), 'flops': 2 * h * w * p * (64 + 128),
+        return {'fn': lambda: (fn(), sync(device)), 'flops': 2 * h * w * p * (64 + 128),
                 'note': 'flops counted for q x q keys per pixel'}
     return build
 
 
 def train_size(impl, window_size=None):
-    """Attention at NLRN's training size (batch 16, 43x43, 64/128 ch), forward + backward: patch scope
+    """Attention at NLRN's training size (batch 16, 43x43, 64/128 ch), forward + backward: global scope
     (window_size None: the whole patch) or the q x q window scope."""
     def build(device, quick):
-        from nl_plugin.ops import windowed_attention as wa
+        from nl_plugin.ops import nlrn_attention as wa
         b = 16 if not quick else 4
         q, k, v = _qkv(b, 43, 43, 64, 128, device, grad=True)
         if impl == 'dense':
@@ -54,7 +52,7 @@ def train_size(impl, window_size=None):
         def step():
             out = op(q, k, v)
             out.sum().backward()
-            _sync(device)
+            sync(device)
         n = 43 * 43
         return {'fn': step, 'flops': 3 * 2 * b * n * n * (64 + 128), 'note': f'batch {b}, fwd+bwd, dense-equivalent flops'}
     return build
@@ -68,7 +66,7 @@ def n3block(impl):
         block = N3Block(num_in_ch=8, impl='auto' if impl == 'fast' else 'reference').to(device).eval()
         x = torch.randn(1, 8, h, w, generator=torch.Generator().manual_seed(0)).to(device)
         torch.set_grad_enabled(False)
-        return {'fn': lambda: (block(x), _sync(device))}
+        return {'fn': lambda: (block(x), sync(device))}
     return build
 
 
@@ -76,8 +74,8 @@ OP_CASES = {
     'op_window_fwd_481x321': ('windowed attention op (fast), one step, 481x321', window_fwd('fast')),
     'op_window_fwd_spread_481x321': ('windowed attention op (fast), one step, 481x321, widely spread logits',
                                      window_fwd('fast', spread=True)),
-    'op_train_fast_fwdbwd': ('patch-scope attention (fast: SDPA), batch 16 of 43x43, fwd+bwd', train_size('fast')),
-    'op_train_dense_fwdbwd': ('patch-scope attention, dense reference, batch 16 of 43x43, fwd+bwd',
+    'op_train_fast_fwdbwd': ('global-scope attention (fast: SDPA), batch 16 of 43x43, fwd+bwd', train_size('fast')),
+    'op_train_dense_fwdbwd': ('global-scope attention, dense reference, batch 16 of 43x43, fwd+bwd',
                               train_size('dense')),
     'op_train_win_fast_fwdbwd': ('window attention q=45 (fast: masked SDPA), batch 16 of 43x43, fwd+bwd',
                                  train_size('fast', 45)),

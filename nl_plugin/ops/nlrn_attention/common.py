@@ -1,0 +1,174 @@
+"""Shared by every NLRN attention kernel: argument checks, window geometry, window mask, normalisation.
+
+The attention weights of every kernel come from ``normalize_attention`` (the fused SDPA kernels apply
+the same softmax inside ``F.scaled_dot_product_attention``).
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+NORMALIZATIONS = ('softmax', 'count')
+BORDERS = ('exclude', 'circular')
+
+# fp32 softmax of logits spread over a wide range is slow on the CPU: torch's vectorised exp leaves
+# its fast path for arguments below about -87 (10x slower), and weights near 1e-38 make the value
+# matmul meet denormals. Logits further than this below their row's maximum are raised to it
+# first (so are the -inf of out-of-image keys): each such weight becomes e^-30 (~1e-13) of the
+# largest, changing a normaliser >= 1 by at most P * 1e-13, under fp32 resolution.
+LOGIT_RANGE = 30.0
+
+
+def check_window_args(window_size: Optional[int], border: str = 'exclude',
+                      normalization: str = 'softmax') -> Optional[int]:
+    """Validate the neighbourhood arguments of the attention ops.
+
+    Args:
+        window_size (int | None): Odd window side q >= 1, or None for global attention (whole tensor).
+        border (str): One of ``BORDERS``.
+        normalization (str): One of ``NORMALIZATIONS``.
+
+    Returns:
+        int | None: ``window_size``.
+    """
+    if border not in BORDERS:
+        raise ValueError(f'border must be one of {BORDERS}, got {border!r}')
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f'normalization must be one of {NORMALIZATIONS}, got {normalization!r}')
+    if window_size is None:
+        return None
+    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+        raise ValueError(f'window_size must be an odd int >= 1 (None: global attention), got {window_size!r}')
+    if window_size % 2 == 0:
+        raise ValueError(f'window_size must be odd (window centred on the pixel), got {window_size}')
+    return window_size
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise unless q, k are (B, H, W, D) of one shape and v is (B, H, W, C)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError('q, k, v must be channels-last (B, H, W, D); got shapes '
+                         f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    if q.shape != k.shape:
+        raise ValueError(f'q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}')
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f'v must share (B, H, W) with q, got {tuple(v.shape)} and {tuple(q.shape)}')
+
+
+def requires_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records an op on these tensors (None entries are ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class WindowGeometry(NamedTuple):
+    """Reach of the q x q window on an image: radius ``r`` and the offsets kept in the compact layout.
+
+    ``py``/``px`` are the row/column reach: ``r``, except for border 'exclude' on an image smaller than
+    the window, where keys further than h-1 rows (w-1 columns) away are never inside the image.
+    """
+    r: int
+    py: int
+    px: int
+    circular: bool
+
+    @property
+    def kh(self) -> int:
+        return 2 * self.py + 1
+
+    @property
+    def kw(self) -> int:
+        return 2 * self.px + 1
+
+    @property
+    def p(self) -> int:
+        """Entries per pixel of the compact logits layout (B, H, W, P)."""
+        return self.kh * self.kw
+
+
+def window_geometry(h: int, w: int, window_size: int, border: str) -> WindowGeometry:
+    """The one place the window radius is clamped to the image (see ``WindowGeometry``)."""
+    r = window_size // 2
+    if border == 'circular':
+        if window_size > h or window_size > w:
+            raise ValueError(f"border='circular' needs window_size <= image size, got window_size="
+                             f'{window_size} for a {h}x{w} image')
+        return WindowGeometry(r, r, r, True)
+    return WindowGeometry(r, min(r, h - 1), min(r, w - 1), False)
+
+
+def window_mask(h: int, w: int, window_size: Optional[int], border: str = 'exclude',
+                device: Optional[torch.device] = None) -> torch.Tensor:
+    """Boolean (N, N) mask, N = h*w (row-major): True where key j is in the window of query i.
+
+    Args:
+        h, w (int): Image size.
+        window_size (int | None): Odd window side q; None = global (every key).
+        border (str): 'exclude' (plain distance, out-of-image keys do not exist) or 'circular'
+            (wrap-around distance).
+        device (torch.device, optional): Device of the mask.
+    """
+    return dense_window_mask(h, w, check_window_args(window_size, border), border, device)
+
+
+def dense_window_mask(h: int, w: int, window_size: Optional[int], border: str,
+                      device: Optional[torch.device]) -> torch.Tensor:
+    """``window_mask`` on validated arguments (for the kernels)."""
+    n = h * w
+    if window_size is None:
+        return torch.ones(n, n, dtype=torch.bool, device=device)
+    r = window_size // 2
+
+    def near(size):   # (size, size): positions within r of each other (wrap-around if circular)
+        i = torch.arange(size, device=device)
+        d = (i[:, None] - i[None, :]).abs()
+        return (torch.minimum(d, size - d) if border == 'circular' else d) <= r
+    # Row and column conditions combined as an outer AND: no (N, N) integer temporaries.
+    return (near(h)[:, None, :, None] & near(w)[None, :, None, :]).reshape(n, n)
+
+
+def range_limited_softmax(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of logits ``x`` (-inf allowed), via ``buf`` of x's shape; see ``LOGIT_RANGE``."""
+    floor = x.amax(-1, keepdim=True).sub_(LOGIT_RANGE)
+    return torch.softmax(torch.maximum(x, floor, out=buf), dim=-1)
+
+
+def normalize_attention(logits: torch.Tensor, normalization: str, invalid: Optional[torch.Tensor] = None,
+                        count=None, *, inplace: bool = False,
+                        softmax_buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention weights over the last dim of ``logits`` (NLRN eq. 3-4; paper Table 1 normalisations).
+
+    'softmax': exp(L_ij) / sum_j exp(L_ij) over the keys in the neighbourhood. 'count': L_ij / N_i,
+    N_i the number of keys in the neighbourhood (dot-product correlations, Wang et al.'s convention);
+    it is linear, so the linear global kernel applies it to (q k^T) v directly.
+
+    Args:
+        logits (Tensor): (..., P) logits.
+        normalization (str): 'softmax' or 'count'.
+        invalid (Tensor, optional): Bool, broadcastable to ``logits``: True for keys outside the
+            neighbourhood. Without it, -inf logits mark them ('count' then counts the finite ones).
+        count (int | Tensor, optional): N_i when known (skips counting).
+        inplace (bool): Write the softmax mask into ``logits``.
+        softmax_buf (Tensor, optional): Buffer of ``logits``' shape: range-limited softmax (fp32
+            inference, see ``LOGIT_RANGE``).
+
+    Returns:
+        Tensor: Weights of ``logits``' shape.
+    """
+    if normalization == 'softmax':
+        if invalid is not None:
+            logits = logits.masked_fill_(invalid, float('-inf')) if inplace else \
+                logits.masked_fill(invalid, float('-inf'))
+        if softmax_buf is not None:
+            return range_limited_softmax(logits, softmax_buf)
+        return torch.softmax(logits, dim=-1)
+    if invalid is None and count is None:
+        invalid = ~torch.isfinite(logits)
+    if invalid is not None:
+        logits = logits.masked_fill(invalid, 0.)
+        if count is None:
+            count = (~invalid).sum(-1, keepdim=True)
+    return logits / count
+
+
+__all__ = ['NORMALIZATIONS', 'BORDERS', 'LOGIT_RANGE', 'check_window_args', 'check_qkv', 'requires_grad',
+           'WindowGeometry', 'window_geometry', 'window_mask', 'dense_window_mask', 'range_limited_softmax',
+           'normalize_attention']

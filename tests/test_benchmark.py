@@ -1,0 +1,28 @@
+"""The benchmark's command line runs a case in a worker process and writes the figures it printed as JSON.
+
+Nothing here is timed: speed is read from the benchmark's own output, never asserted in a test.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from nl_plugin.benchmark.runner import CASES
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'benchmark.py')
+
+
+def test_every_case_has_a_description_and_builder():
+    for name, (description, build) in CASES.items():
+        assert description and callable(build), name
+
+
+def test_command_line_writes_json(tmp_path):
+    out = tmp_path / 'bench.json'
+    r = subprocess.run([sys.executable, SCRIPT, '--quick', '--repeats', '1', '--only', 'matmul',
+                        '--json', str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    (row, ) = data['results']
+    assert row['case'] == 'matmul_fp32' and row['runs'] == 1 and row['median_s'] > 0 and row['gflops'] > 0
+    assert 'matmul_fp32' in r.stdout
