@@ -2,10 +2,20 @@
 
 The attention weights of every kernel come from ``normalize_attention`` (the fused SDPA kernels apply
 the same softmax inside ``F.scaled_dot_product_attention``).
+
+Precision rule of every kernel under ``torch.autocast`` (bf16/fp16): the products q.k and A v run in the
+autocast dtype; the logits are fp32 from the product's output on: the carried logits and their running sum
+L_t = L_{t-1} + q_t.k_t, the softmax (its maximum, exponentials and normaliser) and the count division.
+A logit error e changes a weight by a factor e^e and NLRN's trained logits span tens to hundreds, so
+rounding L_t to bf16 (8 bits: +-0.25 at 100) would perturb the weights by tens of percent and accumulate
+over the 12 steps, while each fresh product rounds once (about 2^-9 of |q.k|). The weights enter the value
+product in the autocast dtype (they are in [0, 1]; a relative 2^-9 per weight).
 """
 from typing import NamedTuple, Optional
 
 import torch
+
+from ..amp import to_accum
 
 NORMALIZATIONS = ('softmax', 'count')
 BORDERS = ('exclude', 'circular')
@@ -151,8 +161,9 @@ def normalize_attention(logits: torch.Tensor, normalization: str, invalid: Optio
             inference, see ``LOGIT_RANGE``).
 
     Returns:
-        Tensor: Weights of ``logits``' shape.
+        Tensor: Weights of ``logits``' shape, in at least fp32 (see the precision rule above).
     """
+    logits = to_accum(logits)
     if normalization == 'softmax':
         if invalid is not None:
             logits = logits.masked_fill_(invalid, float('-inf')) if inplace else \

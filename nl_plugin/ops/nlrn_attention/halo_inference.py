@@ -8,12 +8,16 @@ are the (kh, kw) sub-block of its halo logits starting at region cell (i, j); ov
 the strided view ``_compact_view`` (no gather). The normalisation runs on the compact layout and the
 weights go into the same view of a halo buffer whose other entries stay zero, for the value matmul.
 Same result as the autograd kernel (``halo.py``), with few copies and buffers reused across blocks.
+Under autocast (q, k, v in bf16/fp16) the halo logits ``s``, the strips and the halo weights are in that
+dtype (operands and output of the two matmuls); the carried and fresh in-window logits and the softmax are
+fp32 (``common.py``).
 """
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..amp import accum_dtype, to_compute
 from .common import WindowGeometry, check_qkv, check_window_args, normalize_attention, requires_grad, window_geometry
 
 FAST_BLOCK = 8               # query block side of this kernel (the block logits layout depends on it)
@@ -74,6 +78,7 @@ class _StripsKernel:
         rr, bb = self.rh * self.rw, b * b
         # Blocks per batched matmul: a group of g block columns, or for a single block column (a band,
         # see ``window_attention_rows``) m block rows, so that their halo logits stay cache-resident.
+        acc = accum_dtype(q)     # in-window logits and softmax; q, k, v and the matmuls stay in q's dtype
         n_max = max(1, _GROUP_BYTES // (bb * rr * q.element_size()))
         self.g_max = min(self.nbx, n_max)
         image_logits = not blocks and (prev_logits is not None or return_logits)
@@ -88,7 +93,7 @@ class _StripsKernel:
             self.logits = prev_logits                                                # updated in place
         elif return_logits:
             self.logits = prev_logits if prev_logits is not None else \
-                q.new_empty((bsz, self.nby, self.nbx, bb, p) if blocks else (bsz, h, self.w, p))
+                q.new_empty((bsz, self.nby, self.nbx, bb, p) if blocks else (bsz, h, self.w, p), dtype=acc)
         self.offy = torch.arange(kh, device=q.device) - py
         self.offx = torch.arange(kw, device=q.device) - geo.px
         # Buffers reused by every batch of blocks (fewer allocations and page faults). ``a_buf``
@@ -100,9 +105,10 @@ class _StripsKernel:
         self.strips[:, py + h:].zero_()
         self.a_buf = q.new_zeros(n_max, bb, rr)
         # Fresh logits of a batch when they are not written straight into block-layout carried logits.
-        self.lg_buf = q.new_empty(n_max, b, b, kh, kw) if prev_logits is None and not (blocks and return_logits) \
+        fresh = prev_logits is None and not (blocks and return_logits)
+        self.lg_buf = q.new_empty(n_max, b, b, kh, kw, dtype=acc) if fresh else None
+        self.sm_buf = q.new_empty(n_max, bb, p, dtype=acc) if normalization == 'softmax' and acc == torch.float32 \
             else None
-        self.sm_buf = q.new_empty(n_max, bb, p) if normalization == 'softmax' and q.element_size() <= 4 else None
 
     def run(self):
         for bi in range(self.k.shape[0]):
@@ -249,6 +255,7 @@ def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row
         raise ValueError('window_attention_rows is inference-only (autograd is recording)')
     if check_window_args(window_size, 'exclude', normalization) is None:
         raise ValueError('window_attention_rows needs a window_size >= 1')
+    q, k, v = to_compute(q), to_compute(k), to_compute(v)
     # On the transposed band the query rows are columns: one group of block columns whose key
     # strips are the whole band, copied once (rows of blocks are then plain views).
     geo = window_geometry(k.shape[2], image_height or k.shape[1], window_size, 'exclude')
