@@ -168,7 +168,7 @@ def tiled_patch_sqdist(emb: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     if cdt == torch.float16:  # fp16 ends at 65504: scale by a power of 2 (exact) so that every |q|, |u| <= 1
         scale = torch.exp2(-torch.ceil(torch.log2(to_accum(emb).norm(dim=-1).amax().clamp_min(1e-30))))
         emb, unscale = emb * scale, scale.pow(-2)
-    emb = emb.to(cdt)
+    emb = emb.to(cdt, memory_format=torch.contiguous_format).contiguous()  # index_select copied a strided one per call
     sq = to_accum(emb).pow(2).sum(-1)  # (B, L)
     out = []
     for lo, hi in _tile_chunks(plan, b * (q_len + u_len) * d + b * q_len * u_len):
@@ -229,7 +229,7 @@ def tiled_aggregate_fold(logits: torch.Tensor | Sequence[torch.Tensor | None], v
     # fp32, so only the product's rounding remains (about 2^-9 of |z| in bf16), not the fold's sums of 4+
     # overlapping patches. The patches are cast once here, not per tile: the unions overlap.
     acc, cdt = accum_dtype(values), compute_dtype(values)
-    values = values.to(cdt)
+    values = values.to(cdt, memory_format=torch.contiguous_format).contiguous()
     for lo, hi in _tile_chunks(plan, b * (u_len * d + q_len * 8 * (u_len + d + m))):
         nt = hi - lo
         qi = plan.query[lo:hi]

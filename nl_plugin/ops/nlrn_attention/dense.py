@@ -73,8 +73,9 @@ def dense_logits_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev_lo
         logits = torch.bmm(qf, kf.transpose(1, 2)).to(acc)
     elif acc == q.dtype:    # fused L_{t-1} + q k^T
         logits = torch.baddbmm(prev_logits, qf, kf.transpose(1, 2))
-    else:                   # low-precision product, fp32 running sum (baddbmm would round L_{t-1} to q's dtype)
-        logits = prev_logits + torch.bmm(qf, kf.transpose(1, 2))
+    else:   # low-precision product, fp32 running sum (baddbmm would round L_{t-1} to q's dtype); the explicit
+        # conversion then a same-dtype add is ~2x faster on the CPU than a mixed-dtype add
+        logits = torch.bmm(qf, kf.transpose(1, 2)).to(acc).add_(prev_logits)
     if window_size is None:
         attn = normalize_attention(logits, normalization, count=h * w)
     else:
