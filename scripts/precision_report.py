@@ -36,7 +36,9 @@ ARCHS = {
     'nlrn': {'network_g': {'type': 'NLRN', 'num_feat': 32, 'num_embed': 16, 'num_steps': 4, 'nl_scope': 'window',
                            'window_size': 45},
              'gt_size': 43, 'batch': 8, 'lr': 1e-3},
-    'n3net': {'network_g': {'type': 'N3Net', 'num_feat': 32, 'depth': 5, 'num_stages': 2, 'k': 4, 'embed_feat': 16},
+    # BN momentum 0.1: the official 0.001 leaves the running statistics (eval mode) unconverged after a short run
+    'n3net': {'network_g': {'type': 'N3Net', 'num_feat': 32, 'depth': 5, 'num_stages': 2, 'k': 4, 'embed_feat': 16,
+                            'bn_momentum': 0.1},
               'gt_size': 48, 'batch': 8, 'lr': 1e-3},
 }
 
