@@ -158,6 +158,7 @@ def main():
             train(arch, args.train_only, args)
         return
     import torch
+
     import nl_plugin  # noqa: F401  (registers the architectures, applies the BasicSR fixes)
     torch.set_num_threads(args.threads)
     pairs = val_pairs(osp.abspath(args.data))

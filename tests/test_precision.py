@@ -8,10 +8,13 @@ import yaml
 from basicsr.models import build_model
 
 from conftest import basicsr_cmd
-from nl_plugin.models.precision import (ModelPrecision, check_precision, cpu_bf16_flags, fast_bf16,
-                                        resolve_precision)
-from test_cli import read_log, run, write_opt
-from test_cli import workdir  # noqa: F401  (module fixture: tiny LMDB data)
+from nl_plugin.models.precision import ModelPrecision, check_precision, cpu_bf16_flags, fast_bf16, resolve_precision
+from test_cli import (
+    read_log,
+    run,
+    workdir,  # noqa: F401  (module fixture: tiny LMDB data)
+    write_opt,
+)
 from test_restoration_model import batch, make_opt
 
 pytestmark = pytest.mark.usefixtures('one_thread')

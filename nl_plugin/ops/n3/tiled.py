@@ -226,7 +226,7 @@ def tiled_aggregate_fold(logits: torch.Tensor | Sequence[torch.Tensor | None], v
     m = plan.local.shape[2]
     # Precision under autocast: the weights (in [0, 1], from fp32 log-weights) and the patches enter the
     # product in the autocast dtype (the flops); each tile's result is folded and summed into the image in
-    # fp32, so only the product's rounding remains (about 2^-9 of |z| in bf16), not the fold's sums of 4+
+    # fp32, so only the product's rounding remains (at most 2^-8 of |z| in bf16), not the fold's sums of 4+
     # overlapping patches. The patches are cast once here, not per tile: the unions overlap.
     acc, cdt = accum_dtype(values), compute_dtype(values)
     values = values.to(cdt, memory_format=torch.contiguous_format).contiguous()

@@ -6,10 +6,12 @@ the same softmax inside ``F.scaled_dot_product_attention``).
 Precision rule of every kernel under ``torch.autocast`` (bf16/fp16): the products q.k and A v run in the
 autocast dtype; the logits are fp32 from the product's output on: the carried logits and their running sum
 L_t = L_{t-1} + q_t.k_t, the softmax (its maximum, exponentials and normaliser) and the count division.
-A logit error e changes a weight by a factor e^e and NLRN's trained logits span tens to hundreds, so
-rounding L_t to bf16 (8 bits: +-0.25 at 100) would perturb the weights by tens of percent and accumulate
-over the 12 steps, while each fresh product rounds once (about 2^-9 of |q.k|). The weights enter the value
-product in the autocast dtype (they are in [0, 1]; a relative 2^-9 per weight).
+A logit error e changes a weight by a factor e^e, and logits reach tens to hundreds (bf16 spacing 0.5 at
+100): the bf16 product's rounding of each fresh q_t.k_t (at most 2^-8 of it) is unavoidable, but rounding the
+running sum L_t as well would add an error of the size of |L_t| (which grows with t) at each of the T steps.
+Measured on random embeddings with logits up to 75: 1.35% relative output error with this rule, of which 0.8%
+comes from rounding q, k, v themselves. The weights enter the value product in the autocast dtype (they are
+in [0, 1]; at most a relative 2^-8 per weight).
 """
 from typing import NamedTuple, Optional
 
