@@ -18,6 +18,7 @@ from torch import nn as nn
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from nl_plugin.ops import n3 as n3ops
+from nl_plugin.ops.amp import accum_dtype, to_accum
 from nl_plugin.utils import renamed_options
 
 from .arch_util import run_sequential
@@ -62,6 +63,10 @@ class N3Block(nn.Module):
     images smaller than the search region use a region shrunk to the patch grid; if even that has
     fewer than ``k`` candidates (images under ~20 px), more padding is added. Time and memory are
     linear in the image area (tiled search, see :mod:`nl_plugin.ops.n3`).
+
+    Under ``torch.autocast`` the embedding / temperature CNNs and the distance and aggregation products
+    run in the autocast dtype; distances, their BN, temperatures, the k-NN relaxation's log-weights and
+    the neighbour differences ``z_j - x`` are fp32, and so is the output.
 
     Args:
         num_in_ch (int): Channels ``C`` of the input (and of the neighbour volumes). Default: 8.
@@ -182,7 +187,7 @@ class N3Block(nn.Module):
 
         inputs = self._selection_inputs(dist, temp)
         wfn = partial(n3ops.neighbour_weights, k=self.k, selection=self.selection)
-        count = n3ops.overlap_count((hp, wp), p, s, x.device, x.dtype)
+        count = n3ops.overlap_count((hp, wp), p, s, x.device, accum_dtype(x))
         if self.impl == 'reference':
             z = n3ops.aggregate_patches(wfn(*inputs), values, index)  # (B, L, k, C*p*p)
             z = torch.stack([n3ops.fold_patches(z[:, :, j], (hp, wp), p, s, average=False)
@@ -193,7 +198,7 @@ class N3Block(nn.Module):
         z = z[..., top:top + h, left:left + w]
         count = count[..., top:top + h, left:left + w]
         if not torch.is_grad_enabled():  # inference: write straight into the output, no temporaries
-            out = x.new_empty(b, self.k + 1, c, h, w)
+            out = x.new_empty(b, self.k + 1, c, h, w, dtype=z.dtype)  # z - x formed in fp32 under autocast
             out[:, 0] = x
             torch.div(z, count, out=out[:, 1:])
             if self.diff:
@@ -267,7 +272,7 @@ class N3SetBlock(nn.Module):
         alpha = -dist
         if self.dist_bn is not None:
             alpha = self.dist_bn(alpha.reshape(b, 1, -1)).view_as(dist)
-        temp = None if self.temp is None else torch.exp(self.temp(x) + self.temp_offset)  # (B, N, 1)
+        temp = None if self.temp is None else torch.exp(to_accum(self.temp(x)) + self.temp_offset)  # (B, N, 1)
         sample = self.selection == 'concrete' and self.training
         inputs = n3ops.selection_inputs(alpha, self.k, temp, 'official', sample)  # logits alpha / T
         wts = n3ops.neighbour_weights(*inputs, k=self.k, selection=self.selection)  # (B, N, k, M)

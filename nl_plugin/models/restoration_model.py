@@ -5,6 +5,7 @@ YAML (besides everything ``SRModel`` reads)::
     residual_learning: false        # output = input + net(input), for archs that do not add it
     train:
       optim_g: {type: Adam, lr: 1e-3, weight_decay: 1e-4, no_weight_decay: ['bias$']}  # TFAdam: TF1's eps
+      precision: fp32               # or bf16 | fp16 | auto: autocast dtype (nl_plugin.models.precision)
       scheduler: {type: ExponentialDecayLR, lr_end: 1e-6, decay_every: 1600}   # or any BasicSR scheduler
       grad_clip: {mode: per_tensor, max_norm: 2.5}            # global_norm | per_tensor | value
       progress_bar: true                                      # tqdm bar on rank 0
@@ -13,6 +14,7 @@ YAML (besides everything ``SRModel`` reads)::
     val:
       self_ensemble: false          # x8 flips/rotations (NLRN-MV)
       tile: {size: 45, stride: 7, batch: 100}                 # or {size, overlap, batch}
+      precision: fp32               # or bf16 | fp16 | auto, for validation and `basicsr test`
       metrics: {psnr: {type: calculate_psnr, crop_border: 0, test_y_channel: false}}
 
 Device options (top level; ``nl_plugin.models.device_options``)::
@@ -29,6 +31,7 @@ gathered (BasicSR's ``dist_validation`` runs rank 0 only). ``basicsr test`` also
 dataset with the metrics of every image (and of the degraded input, where it has the target's shape).
 """
 from collections import OrderedDict
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -41,12 +44,13 @@ from nl_plugin import weights
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
 
 from .device_options import CompiledNetworks, channels_last, check_device_options, set_tf32
+from .precision import ModelPrecision
 from .solver import CLIP_MODES, SolverMixin, check_keys
 from .validation import ValidationMixin
 
 _TRAIN_KEYS = {'total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt',
-               'grad_clip', 'progress_bar', 'nan_policy'}
-_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'self_ensemble', 'tile'}
+               'grad_clip', 'progress_bar', 'nan_policy', 'precision'}
+_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'self_ensemble', 'tile', 'precision'}
 _TILE_KEYS = {'size', 'stride', 'overlap', 'batch'}
 #: nan_policy: skip gives up after this many skipped steps in a row (the run is not recovering).
 MAX_SKIPPED_STEPS = 100
@@ -64,6 +68,7 @@ class RestorationModel(SolverMixin, ValidationMixin, SRModel):
         self.validate_options(opt)
         self.residual_learning = bool(opt.get('residual_learning', False))
         super().__init__(opt)
+        self.precision = ModelPrecision(opt, self.device, get_root_logger())
         self._expected_in_ch = self._first_layer_channels(self.get_bare_model(self.net_g))
         self._pbar = None
 
@@ -85,6 +90,7 @@ class RestorationModel(SolverMixin, ValidationMixin, SRModel):
                 key = 'max_value' if clip.get('mode') == 'value' else 'max_norm'
                 if not float(clip.get(key, 0)) > 0:
                     raise ValueError(f'train:grad_clip:{key} must be > 0, got {clip.get(key)!r}')
+        ModelPrecision.check_options(opt)
         val = opt.get('val')
         if val is not None:
             check_keys(val, _VAL_KEYS, 'val')
@@ -138,7 +144,7 @@ class RestorationModel(SolverMixin, ValidationMixin, SRModel):
             return self._optimize_step(current_iter)
 
     def _forward(self, net, x):
-        out = self._run_network(net, x)
+        out = self.precision.run(partial(self._run_network, net), x, training=torch.is_grad_enabled())
         if self.residual_learning:
             out = out + x[:, :out.shape[1]]
         return out
@@ -171,13 +177,15 @@ class RestorationModel(SolverMixin, ValidationMixin, SRModel):
         if not self._loss_is_finite(l_total, current_iter, stop=not skip):
             self._skip_step(current_iter, 'loss', loss_dict)
             return
-        l_total.backward()
-        if skip and not all(bool(torch.isfinite(p.grad).all()) for p in self.net_g.parameters() if p.grad is not None):
+        self.precision.backward(l_total, self.optimizer_g)
+        # fp16's loss scaler skips non-finite gradients itself (and lowers its scale); else nan_policy decides
+        if skip and self.precision.scaler is None and not all(
+                bool(torch.isfinite(p.grad).all()) for p in self.net_g.parameters() if p.grad is not None):
             self._skip_step(current_iter, 'gradient', loss_dict)  # DDP averaged them: every rank agrees
             return
         self._skipped = 0
         self._clip_gradients()
-        self.optimizer_g.step()
+        self.precision.step(self.optimizer_g)
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)

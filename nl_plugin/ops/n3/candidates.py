@@ -4,6 +4,8 @@ from functools import lru_cache
 
 import torch
 
+from ..amp import accum_dtype, to_accum, to_compute
+
 __all__ = ['search_starts', 'candidate_index', 'all_pairs_index', 'patch_sqdist', 'aggregate_patches']
 
 
@@ -85,8 +87,10 @@ def patch_sqdist(query: torch.Tensor, keys: torch.Tensor, index: torch.Tensor) -
         index (LongTensor): (L, M) or (B, L, M) candidate indices into ``keys``.
 
     Returns:
-        Tensor: (B, L, M), ``||query[l] - keys[index[l, m]]||^2``.
+        Tensor: (B, L, M), ``||query[l] - keys[index[l, m]]||^2``, in at least fp32; under autocast, of the
+        embeddings rounded to the autocast dtype (the distances that the tiled products see).
     """
+    query, keys = to_accum(to_compute(query)), to_accum(to_compute(keys))
     cand = _gather_rows(keys, index)  # (B, L, M, D)
     return (query.unsqueeze(2) - cand).pow(2).sum(-1)
 
@@ -100,7 +104,8 @@ def aggregate_patches(weights: torch.Tensor, values: torch.Tensor, index: torch.
         index (LongTensor): (L, M) or (B, L, M) candidate indices into ``values``.
 
     Returns:
-        Tensor: (B, L, k, D), ``z[l, j] = sum_m weights[l, j, m] * values[index[l, m]]``.
+        Tensor: (B, L, k, D), ``z[l, j] = sum_m weights[l, j, m] * values[index[l, m]]``, in at least fp32
+        (under autocast the product runs in the autocast dtype, as in the tiled version).
     """
     cand = _gather_rows(values, index)  # (B, L, M, D)
-    return torch.einsum('blkm,blmd->blkd', weights, cand)
+    return torch.einsum('blkm,blmd->blkd', weights, cand).to(accum_dtype(values))

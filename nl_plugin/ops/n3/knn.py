@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..amp import accum_dtype, to_accum
 from .patch_grid import extract_patches
 
 __all__ = ['log1mexp', 'continuous_knn', 'hard_knn_weights', 'gumbel_noise', 'patch_temperature', 'SELECTIONS',
@@ -57,10 +58,14 @@ def continuous_knn(logits: torch.Tensor, k: int, noise: torch.Tensor | None = No
             against ``logits`` (e.g. (..., 1) per query).
 
     Returns:
-        Tensor: (..., k, M) weights; each row sums to 1.
+        Tensor: (..., k, M) weights in at least fp32; each row sums to 1.
     """
     if k < 1:
         raise ValueError(f'k must be >= 1, got {k}')
+    # Precision: the relaxation runs in at least fp32 whatever its inputs (autocast leaves these ops in their
+    # inputs' dtype on CPU). Logits ~ -d / T reach hundreds: bf16 would round them by ~1 (a weight error of e),
+    # and the k log(1 - w) updates add to the same logits.
+    logits = to_accum(logits)
     cap = math.log1p(-torch.finfo(logits.dtype).eps)
     inplace = not (torch.is_grad_enabled() and (logits.requires_grad or getattr(temperature, 'requires_grad', False)))
     weights = []
@@ -101,15 +106,17 @@ def hard_knn_weights(dist: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k > dist.shape[-1]:
         raise ValueError(f'k={k} neighbours requested but only {dist.shape[-1]} candidates are available')
+    dist = to_accum(dist)  # weights in at least fp32, as from the other selections
     idx = torch.topk(dist, k, dim=-1, largest=False, sorted=True).indices  # (..., k)
     out = dist.new_zeros(*dist.shape[:-1], k, dist.shape[-1])
     return out.scatter_(-1, idx.unsqueeze(-1), 1.0)
 
 
 def gumbel_noise(shape: Sequence[int], like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard Gumbel samples ``-log(-log U)`` with the dtype/device of ``like``."""
-    u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
-    tiny = torch.finfo(like.dtype).tiny
+    """Standard Gumbel samples ``-log(-log U)`` on the device of ``like``, in its dtype promoted to at least fp32."""
+    dtype = accum_dtype(like)
+    u = torch.rand(shape, generator=generator, device=like.device, dtype=dtype)
+    tiny = torch.finfo(dtype).tiny
     e = -torch.log(u.clamp(min=tiny))  # Exp(1) samples
     return -torch.log(e.clamp(min=tiny))
 
@@ -127,9 +134,9 @@ def patch_temperature(log_temp: torch.Tensor, patch_size: int, stride: int, mode
         offset (float): Added to the log-temperature (official: ``log(0.1)``).
 
     Returns:
-        Tensor: (B, L) positive temperatures.
+        Tensor: (B, L) positive temperatures, in at least fp32 (they divide the logits).
     """
-    patches = extract_patches(log_temp, patch_size, stride)  # (B, L, p*p)
+    patches = extract_patches(to_accum(log_temp), patch_size, stride)  # (B, L, p*p)
     if mode == 'mean':
         lt = patches.mean(-1)
     elif mode == 'center':

@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from ..amp import to_accum
+
 __all__ = ['patch_grid_padding', 'pad_to_patch_grid', 'patch_grid_shape', 'extract_patches', 'fold_patches',
            'overlap_count']
 
@@ -88,11 +90,12 @@ def fold_patches(patches: torch.Tensor, out_size: tuple[int, int], patch_size: i
         average (bool): Divide by the overlap count. Default: True.
 
     Returns:
-        Tensor: (B, C, H, W).
+        Tensor: (B, C, H, W), in at least fp32.
     """
     nh, nw = patch_grid_shape(out_size[0], out_size[1], patch_size, stride)
     if patches.shape[1] != nh * nw:
         raise ValueError(f'{patches.shape[1]} patches do not fill a {nh}x{nw} grid for size {tuple(out_size)}')
+    patches = to_accum(patches)  # overlap sums in at least fp32
     out = F.fold(patches.transpose(1, 2), tuple(out_size), patch_size, stride=stride)
     if average:
         out = out / overlap_count(out_size, patch_size, stride, patches.device, patches.dtype)

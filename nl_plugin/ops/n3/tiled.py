@@ -6,6 +6,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..amp import accum_dtype, compute_dtype, to_accum
 from ..tiling import tile_starts
 from .candidates import search_starts
 
@@ -168,24 +169,37 @@ def tiled_patch_sqdist(emb: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     Per tile, ``|q|^2 + |u|^2 - 2 q.u`` against its union (one batched matrix product), then the
     candidate columns are picked with ``plan.local``. Time and memory linear in the image area.
 
+    Under ``torch.autocast`` the products ``q.u`` run in the autocast dtype; the norms, their sum with the
+    products and the distances are fp32 (see the comment in the code).
+
     Args:
         emb (Tensor): (B, L, D) embedding patches on the plan's ``nh x nw`` grid.
         plan (TilePlan): From :func:`make_tile_plan` (on ``emb``'s device).
 
     Returns:
-        Tensor: (B, L, M), equal to ``patch_sqdist(emb, emb, candidate_index(nh, nw, search_size))``.
+        Tensor: (B, L, M) in at least fp32, equal to ``patch_sqdist(emb, emb, candidate_index(nh, nw,
+        search_size))``.
     """
     b, n_q, d = emb.shape
     if n_q != plan.nh * plan.nw:
         raise ValueError(f'{n_q} patches do not match the {plan.nh}x{plan.nw} plan')
     q_len, u_len, m = plan.query.shape[1], plan.union.shape[1], plan.local.shape[2]
-    sq = emb.pow(2).sum(-1)  # (B, L)
+    # Precision under autocast: the products q.u (the flops) take the autocast dtype; the norms and the
+    # distances |q|^2 + |u|^2 - 2 q.u are fp32: the distance of close patches is a small difference of large
+    # terms, and their logits -d / T (T ~ 0.1) magnify any error. Norms are taken of the embedding as the
+    # product sees it (rounded to the product's dtype) so that d stays the exact distance of one embedding.
+    cdt, unscale = compute_dtype(emb), None
+    if cdt == torch.float16:  # fp16 ends at 65504: scale by a power of 2 (exact) so that every |q|, |u| <= 1
+        scale = torch.exp2(-torch.ceil(torch.log2(to_accum(emb).norm(dim=-1).amax().clamp_min(1e-30))))
+        emb, unscale = emb * scale, scale.pow(-2)
+    emb = emb.to(cdt, memory_format=torch.contiguous_format).contiguous()  # index_select copied a strided one per call
+    sq = to_accum(emb).pow(2).sum(-1)  # (B, L)
     out = []
     for lo, hi in _tile_chunks(plan, b * (q_len + u_len) * d + b * q_len * u_len):
         nt = hi - lo
         qi, ui = plan.query[lo:hi], plan.union[lo:hi]
-        q = emb[:, qi.reshape(-1)].view(b * nt, q_len, d)
-        u = emb[:, ui.reshape(-1)].view(b * nt, u_len, d)
+        q = emb.index_select(1, qi.reshape(-1)).view(b * nt, q_len, d)
+        u = emb.index_select(1, ui.reshape(-1)).view(b * nt, u_len, d)
         dots = torch.bmm(q, u.transpose(1, 2)).view(b, nt, q_len, u_len)
         local = plan.local[lo:hi].expand(b, -1, -1, -1)
         dots = torch.gather(dots, 3, local)  # (B, nt, Q, M)
@@ -193,7 +207,7 @@ def tiled_patch_sqdist(emb: torch.Tensor, plan: TilePlan) -> torch.Tensor:
         uu = torch.gather(sq[:, ui].unsqueeze(2).expand(-1, -1, q_len, -1), 3, local)
         out.append((qq + uu - 2 * dots).clamp_min(0).reshape(b, nt * q_len, m))
     dist = torch.cat(out, 1) if len(out) > 1 else out[0]
-    return dist[:, plan.slot]
+    return dist[:, plan.slot] if unscale is None else dist[:, plan.slot] * unscale
 
 
 def tiled_aggregate_fold(logits: torch.Tensor | Sequence[torch.Tensor | None], values: torch.Tensor, plan: TilePlan,
@@ -219,7 +233,7 @@ def tiled_aggregate_fold(logits: torch.Tensor | Sequence[torch.Tensor | None], v
 
     Returns:
         Tensor: (B, k, C, H, W) overlap-ADDED neighbour images on the padded grid (divide by
-        :func:`overlap_count` for the average).
+        :func:`overlap_count` for the average), in at least fp32.
     """
     b, n_q, d = values.shape
     p, s = patch_size, stride
@@ -234,21 +248,27 @@ def tiled_aggregate_fold(logits: torch.Tensor | Sequence[torch.Tensor | None], v
     out = None
     k = None
     m = plan.local.shape[2]
+    # Precision under autocast: the weights (in [0, 1], from fp32 log-weights) and the patches enter the
+    # product in the autocast dtype (the flops); each tile's result is folded and summed into the image in
+    # fp32, so only the product's rounding remains (at most 2^-8 of |z| in bf16), not the fold's sums of 4+
+    # overlapping patches. The patches are cast once here, not per tile: the unions overlap.
+    acc, cdt = accum_dtype(values), compute_dtype(values)
+    values = values.to(cdt, memory_format=torch.contiguous_format).contiguous()
     for lo, hi in _tile_chunks(plan, b * (u_len * d + q_len * 8 * (u_len + d + m))):
         nt = hi - lo
         qi = plan.query[lo:hi]
         wts = weight_fn(*(None if t is None else t[:, qi] for t in inputs))  # (B, nt, Q, k, M)
         k = wts.shape[3]
         if out is None:
-            out = values.new_zeros(b, k * channels, h * w)
-        wts = wts * plan.owner[lo:hi, :, None, None].to(wts.dtype)  # each query reported once
+            out = values.new_zeros(b, k * channels, h * w, dtype=acc)
+        wts = (wts * plan.owner[lo:hi, :, None, None].to(wts.dtype)).to(cdt)  # each query reported once
         local = plan.local[lo:hi, :, None, :].expand(b, -1, -1, k, -1)
-        dense = wts.new_zeros(b, nt, q_len, k, u_len).scatter(4, local, wts)
-        u = values[:, plan.union[lo:hi].reshape(-1)].view(b * nt, u_len, d)
+        dense = wts.new_zeros(b, nt, q_len, k, u_len).scatter_(4, local, wts)
+        u = values.index_select(1, plan.union[lo:hi].reshape(-1)).view(b * nt, u_len, d)
         z = torch.bmm(dense.view(b * nt, q_len * k, u_len), u)  # (B*nt, Q*k, D)
-        # fold each tile: (B*nt*k, C*p*p, Q) -> (B*nt*k, C, th_px, tw_px)
-        z = z.view(b * nt, q_len, k, d).permute(0, 2, 3, 1).reshape(b * nt * k, d, q_len)
-        z = F.fold(z, (th_px, tw_px), p, stride=s).view(b, nt, k * channels, th_px * tw_px)
+        # fold each tile: (B*nt*k, C*p*p, Q) -> (B*nt*k, C, th_px, tw_px), in the accumulation dtype
+        z = z.view(b * nt, q_len, k, d).permute(0, 2, 3, 1).to(acc, memory_format=torch.contiguous_format)
+        z = F.fold(z.reshape(b * nt * k, d, q_len), (th_px, tw_px), p, stride=s).view(b, nt, k * channels, -1)
         offs = plan.origin[lo:hi, 0] * s * w + plan.origin[lo:hi, 1] * s  # (nt,)
         idx = (offs[:, None] + pix).view(-1)
         out.index_add_(2, idx, z.permute(0, 2, 1, 3).reshape(b, k * channels, nt * th_px * tw_px))

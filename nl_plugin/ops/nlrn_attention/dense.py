@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..amp import accum_dtype
 from .common import dense_window_mask, normalize_attention
 
 
@@ -37,7 +38,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """'count' attention over the whole tensor as q (k^T v) / N, never forming the N x N matrix: (B, H, W, C)."""
     qf, kf, vf = _flat(q, k, v)
     n = q.shape[1] * q.shape[2]
-    out = normalize_attention(qf @ (kf.transpose(-1, -2) @ vf), 'count', count=n)
+    out = normalize_attention(qf @ (kf.transpose(-1, -2) @ vf), 'count', count=n).to(vf.dtype)
     return out.reshape(*q.shape[:3], v.shape[-1])
 
 
@@ -67,14 +68,20 @@ def dense_logits_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev_lo
     """
     b, h, w, d = q.shape
     qf, kf, vf = q.reshape(b, h * w, d), k.reshape(b, h * w, d), v.reshape(b, h * w, -1)
-    logits = torch.bmm(qf, kf.transpose(1, 2)) if prev_logits is None else \
-        torch.baddbmm(prev_logits, qf, kf.transpose(1, 2))
+    acc = accum_dtype(q)
+    if prev_logits is None:
+        logits = torch.bmm(qf, kf.transpose(1, 2)).to(acc)
+    elif acc == q.dtype:    # fused L_{t-1} + q k^T
+        logits = torch.baddbmm(prev_logits, qf, kf.transpose(1, 2))
+    else:   # low-precision product, fp32 running sum (baddbmm would round L_{t-1} to q's dtype); the explicit
+        # conversion then a same-dtype add is ~2x faster on the CPU than a mixed-dtype add
+        logits = torch.bmm(qf, kf.transpose(1, 2)).to(acc).add_(prev_logits)
     if window_size is None:
         attn = normalize_attention(logits, normalization, count=h * w)
     else:
         mask = dense_window_mask(h, w, window_size, border, q.device)
         attn = normalize_attention(logits, normalization, ~mask, mask.sum(-1, keepdim=True))
-    return torch.bmm(attn, vf).reshape(b, h, w, -1), logits
+    return torch.bmm(attn.to(vf.dtype), vf).reshape(b, h, w, -1), logits
 
 
 __all__ = ['sdpa_attention', 'linear_attention', 'masked_window_sdpa', 'dense_logits_step']

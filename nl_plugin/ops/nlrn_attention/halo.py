@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..amp import accum_dtype
 from .common import WindowGeometry, normalize_attention
 
 
@@ -78,7 +79,7 @@ def _block_row(hl: _Halo, geo: WindowGeometry, by, h, w, normalization, prev_log
     kr = hl.kp[:, y0:y0 + rh].unfold(2, rw, b)                                   # (B, rh, nbx, d, rw)
     kr = kr.permute(0, 2, 1, 4, 3).reshape(bsz * nbx, rh * rw, d)
     vr = hl.vp[:, y0:y0 + rh].unfold(2, rw, b).permute(0, 2, 1, 4, 3).reshape(bsz * nbx, rh * rw, c)
-    s = torch.bmm(qb, kr.transpose(1, 2)).view(bsz, nbx, b * b, rh * rw)
+    s = torch.bmm(qb, kr.transpose(1, 2)).view(bsz, nbx, b * b, rh * rw).to(accum_dtype(qb))   # fp32 logits
     idx = hl.cidx.expand(bsz, nbx, b * b, p)
     if prev_logits is not None:
         prev = prev_logits[:, y0:y0 + yn]
@@ -94,7 +95,7 @@ def _block_row(hl: _Halo, geo: WindowGeometry, by, h, w, normalization, prev_log
     q_real = ((ar_b < yn)[None, :, None] & hl.q_real_x[:, None, :]).reshape(nbx, b * b)
     invalid = (hl.out_win[None] | ~key_ok.reshape(nbx, 1, rh * rw)) & q_real[:, :, None]
     a = normalize_attention(s, normalization, invalid)
-    o = torch.bmm(a.view(bsz * nbx, b * b, rh * rw), vr)                         # (B*nbx, b*b, c)
+    o = torch.bmm(a.view(bsz * nbx, b * b, rh * rw).to(vr.dtype), vr)            # (B*nbx, b*b, c)
     o = o.view(bsz, nbx, b, b, c).permute(0, 2, 1, 3, 4).reshape(bsz, b, wq, c)[:, :yn, :w]
     return o, lc
 

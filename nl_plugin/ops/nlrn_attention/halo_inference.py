@@ -1,19 +1,23 @@
 """Inference (no-grad) halo kernel of window attention on key/value strips, and the band-of-rows API.
 
 Block columns are processed in groups: the keys and values a group reaches are copied once into
-column strips (g, H + 2py, b + 2px, D + C), so the halo region of each query block is a strided
-(rh*rw, D) / (rh*rw, C) view that the batched matmuls read in place (several block rows of one
+column strips (g, H + 2py, b + 2px, D) and (g, H + 2py, b + 2px, C), so the halo region of each query
+block is a contiguous (rh*rw, D) / (rh*rw, C) view that the batched matmuls read in place (several block rows of one
 column are batched the same way, their regions overlapping). The in-window logits of query (i, j)
 are the (kh, kw) sub-block of its halo logits starting at region cell (i, j); over a block they form
 the strided view ``_compact_view`` (no gather). The normalisation runs on the compact layout and the
 weights go into the same view of a halo buffer whose other entries stay zero, for the value matmul.
 Same result as the autograd kernel (``halo.py``), with few copies and buffers reused across blocks.
+Under autocast (q, k, v in bf16/fp16) the halo logits ``s``, the strips and the halo weights are in that
+dtype (operands and output of the two matmuls); the carried and fresh in-window logits and the softmax are
+fp32 (``common.py``).
 """
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..amp import accum_dtype, to_compute
 from .common import WindowGeometry, check_qkv, check_window_args, normalize_attention, requires_grad, window_geometry
 
 FAST_BLOCK = 8               # query block side of this kernel (the block logits layout depends on it)
@@ -30,7 +34,7 @@ def _compact_view(s, b, rh, rw, kh, kw):
 
 def _regions(strips, g, m, y0, b, rh, rw):
     """Halo regions of g block columns (m = 1) or of m block rows of one column (g = 1) from row y0,
-    as an (n, rh*rw, D+C) view of ``strips`` (G, hq+2py, rw, D+C): consecutive block rows overlap."""
+    as an (n, rh*rw, E) view of ``strips`` (G, hq+2py, rw, E): consecutive block rows overlap."""
     if m == 1:
         return strips[:g, y0:y0 + rh].reshape(g, rh * rw, -1)
     st = strips.stride()
@@ -38,24 +42,25 @@ def _regions(strips, g, m, y0, b, rh, rw):
 
 
 def _fill_strips(strips, k, v, lo, g, b, rw, py):
-    """Copy the key/value columns that ``g`` block columns reach into ``strips`` (G, hq+2py, rw, D+C).
+    """Copy the key/value columns that ``g`` block columns reach into ``strips``, the key and value strips
+    (G, hq+2py, rw, D) and (G, hq+2py, rw, C).
 
-    Strip j holds columns lo + j*b .. lo + j*b + rw of [k, v] (H, W, D+C) in its rows py .. py+H;
+    Strip j holds columns lo + j*b .. lo + j*b + rw of k (H, W, D) and v (H, W, C) in its rows py .. py+H;
     the rows outside are zeroed once by the caller and out-of-image columns here, so one
     buffer serves every group without clearing it.
     """
-    h, wk, d = k.shape
+    h, wk, _ = k.shape
     for j in range(g):
         a = lo + j * b
         s0, s1 = max(a, 0), min(a + rw, wk)
-        st = strips[j, py:py + h]
-        if s0 > a:
-            st[:, :s0 - a].zero_()
-        if s1 < a + rw:
-            st[:, max(s1, s0) - a:].zero_()
-        if s1 > s0:
-            st[:, s0 - a:s1 - a, :d] = k[:, s0:s1]
-            st[:, s0 - a:s1 - a, d:] = v[:, s0:s1]
+        for buf, src in zip(strips, (k, v)):
+            st = buf[j, py:py + h]
+            if s0 > a:
+                st[:, :s0 - a].zero_()
+            if s1 < a + rw:
+                st[:, max(s1, s0) - a:].zero_()
+            if s1 > s0:
+                st[:, s0 - a:s1 - a] = src[:, s0:s1]
 
 
 class _StripsKernel:
@@ -74,6 +79,7 @@ class _StripsKernel:
         rr, bb = self.rh * self.rw, b * b
         # Blocks per batched matmul: a group of g block columns, or for a single block column (a band,
         # see ``window_attention_rows``) m block rows, so that their halo logits stay cache-resident.
+        acc = accum_dtype(q)     # in-window logits and softmax; q, k, v and the matmuls stay in q's dtype
         n_max = max(1, _GROUP_BYTES // (bb * rr * q.element_size()))
         self.g_max = min(self.nbx, n_max)
         image_logits = not blocks and (prev_logits is not None or return_logits)
@@ -88,21 +94,24 @@ class _StripsKernel:
             self.logits = prev_logits                                                # updated in place
         elif return_logits:
             self.logits = prev_logits if prev_logits is not None else \
-                q.new_empty((bsz, self.nby, self.nbx, bb, p) if blocks else (bsz, h, self.w, p))
+                q.new_empty((bsz, self.nby, self.nbx, bb, p) if blocks else (bsz, h, self.w, p), dtype=acc)
         self.offy = torch.arange(kh, device=q.device) - py
         self.offx = torch.arange(kw, device=q.device) - geo.px
         # Buffers reused by every batch of blocks (fewer allocations and page faults). ``a_buf``
         # holds the attention weights in halo layout: the in-window entries of a block are the same
         # strided view for every block, so the others are zeroed once here and never written.
-        self.s_buf = q.new_empty(n_max, bb, rr)
-        self.strips = q.new_empty(self.g_max, self.hq + 2 * py, self.rw, d + self.c)   # keys and values of a group
-        self.strips[:, :py].zero_()
-        self.strips[:, py + h:].zero_()
-        self.a_buf = q.new_zeros(n_max, bb, rr)
+        self.low_precision = acc != q.dtype
+        self.s_buf = q.new_empty(n_max, bb, rr, dtype=acc)     # halo logits
+        self.strips = tuple(q.new_empty(self.g_max, self.hq + 2 * py, self.rw, e) for e in (d, self.c))  # k, v
+        for buf in self.strips:
+            buf[:, :py].zero_()
+            buf[:, py + h:].zero_()
+        self.a_buf = q.new_zeros(n_max, bb, rr)                # halo weights, operand of the value matmul
         # Fresh logits of a batch when they are not written straight into block-layout carried logits.
-        self.lg_buf = q.new_empty(n_max, b, b, kh, kw) if prev_logits is None and not (blocks and return_logits) \
+        fresh = prev_logits is None and not (blocks and return_logits)
+        self.lg_buf = q.new_empty(n_max, b, b, kh, kw, dtype=acc) if fresh else None
+        self.sm_buf = q.new_empty(n_max, bb, p, dtype=acc) if normalization == 'softmax' and acc == torch.float32 \
             else None
-        self.sm_buf = q.new_empty(n_max, bb, p) if normalization == 'softmax' and q.element_size() <= 4 else None
 
     def run(self):
         for bi in range(self.k.shape[0]):
@@ -123,8 +132,8 @@ class _StripsKernel:
             dev = self.q.device
             iy = torch.arange(-py, self.hq + py, device=dev) % self.h
             ix = torch.arange(lo, hi, device=dev) % self.wk
-            kv = torch.cat([self.k[bi], self.v[bi]], -1)[iy][:, ix]
-            self.strips[:g].copy_(kv.unfold(1, rw, b).permute(1, 0, 3, 2))          # (g, hq+2py, rw, d+c)
+            for buf, src in zip(self.strips, (self.k[bi], self.v[bi])):
+                buf[:g].copy_(src[iy][:, ix].unfold(1, rw, b).permute(1, 0, 3, 2))     # (g, hq+2py, rw, e)
         else:   # zero outside the image (those keys are masked below)
             _fill_strips(self.strips, self.k[bi], self.v[bi], lo, g, b, rw, py)
         qs = qp[:, x0:x0 + g * b].reshape(self.hq, g, b, self.d).transpose(0, 1).contiguous()  # (g, hq, b, d)
@@ -172,9 +181,17 @@ class _StripsKernel:
         m = min(self.m_max, self.nby - by)
         n, y0, yn = g * m, by * b, min(m * b, self.h - by * b)                      # blocks; query rows
         xn = min(g * b, self.w - gx0 * b)
-        reg = _regions(self.strips, g, m, y0, b, self.rh, self.rw)                 # (n, rh*rw, d+c)
+        keys, values = (_regions(st, g, m, y0, b, self.rh, self.rw) for st in self.strips)  # (n, rh*rw, d | c)
         s, a = self.s_buf[:n], self.a_buf[:n]
-        torch.matmul(qs[:, y0:y0 + m * b].reshape(n, b * b, d), reg[..., :d].transpose(1, 2), out=s)
+        qb = qs[:, y0:y0 + m * b].reshape(n, b * b, d)
+        if self.low_precision:
+            # bf16/fp16 batched matmuls take oneDNN's fast path only on whole contiguous batches (PyTorch
+            # copies other layouts first): the copies of these per-batch contiguous regions are plain block
+            # copies. The fresh logits come out in the low-precision dtype and go to the fp32 buffer ``s``.
+            qb, keys, values = qb.contiguous(), keys.contiguous(), values.contiguous()
+            s.copy_(torch.matmul(qb, keys.transpose(1, 2)))
+        else:
+            torch.matmul(qb, keys.transpose(1, 2), out=s)
         cview = _compact_view(s, b, self.rh, self.rw, geo.kh, geo.kw)               # (n, b, b, kh, kw)
         lg = self._logits(bi, cview, gx0, g, by, m, yn, xn)
         interior = geo.circular or (y0 - geo.py >= 0 and y0 + m * b + geo.py <= self.h and lo >= 0 and hi <= self.wk)
@@ -185,7 +202,7 @@ class _StripsKernel:
         wts = normalize_attention(lg.view(n, b * b, geo.p), self.normalization, count=geo.p if interior else None,
                                   softmax_buf=None if self.sm_buf is None else self.sm_buf[:n])
         _compact_view(a, b, self.rh, self.rw, geo.kh, geo.kw).copy_(wts.view(n, b, b, geo.kh, geo.kw))
-        grp_out[:, y0:y0 + m * b] = torch.matmul(a, reg[..., d:]).view(g, m * b, b, self.c)
+        grp_out[:, y0:y0 + m * b] = torch.matmul(a, values).view(g, m * b, b, self.c)
 
 
 @torch.no_grad()
@@ -249,6 +266,7 @@ def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row
         raise ValueError('window_attention_rows is inference-only (autograd is recording)')
     if check_window_args(window_size, 'exclude', normalization) is None:
         raise ValueError('window_attention_rows needs a window_size >= 1')
+    q, k, v = to_compute(q), to_compute(k), to_compute(v)
     # On the transposed band the query rows are columns: one group of block columns whose key
     # strips are the whole band, copied once (rows of blocks are then plain views).
     geo = window_geometry(k.shape[2], image_height or k.shape[1], window_size, 'exclude')

@@ -3,6 +3,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..amp import accum_dtype, to_compute
 from .common import check_qkv, check_window_args, dense_window_mask, normalize_attention
 
 
@@ -20,17 +21,19 @@ def dense_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         prev_logits (Tensor, optional): (B, N, N) logits carried from the previous step.
 
     Returns:
-        tuple[Tensor, Tensor]: out (B, H, W, C) and the accumulated logits (B, N, N).
+        tuple[Tensor, Tensor]: out (B, H, W, C) and the accumulated logits (B, N, N). Under autocast the
+        products run in the autocast dtype and the logits and weights are fp32, as in the kernels.
     """
     check_qkv(q, k, v)
     window_size = check_window_args(window_size, border, normalization)
+    q, k, v = to_compute(q), to_compute(k), to_compute(v)
     b, h, w, d = q.shape
     mask = dense_window_mask(h, w, window_size, border, q.device)
-    logits = q.reshape(b, h * w, d) @ k.reshape(b, h * w, d).transpose(1, 2)
+    logits = (q.reshape(b, h * w, d) @ k.reshape(b, h * w, d).transpose(1, 2)).to(accum_dtype(q))
     if prev_logits is not None:
         logits = logits + prev_logits
     attn = normalize_attention(logits, normalization, ~mask)
-    out = attn @ v.reshape(b, h * w, -1)
+    out = attn.to(v.dtype) @ v.reshape(b, h * w, -1)
     return out.reshape(b, h, w, -1), logits
 
 

@@ -142,7 +142,7 @@ def route_step(*, window_size: Optional[int], border: str, normalization: str, g
         border (str): 'exclude' or 'circular'. normalization (str): 'softmax' or 'count'.
         grad (bool): Autograd records the step.
         shape (tuple[int, int, int]): (B, H, W).
-        element_size (int): Bytes per element of the embeddings.
+        element_size (int): Bytes per element of the carried logits (fp32 also under autocast).
         device (torch.device): Device of the tensors.
         carried (Layout | None): Layout of the incoming correlation (None at the first step).
         propagate (bool): The step returns a correlation for the next one.

@@ -1,0 +1,39 @@
+"""Dtype rules of the ops under ``torch.autocast``: the dtype a matrix product runs in and the dtype that accumulates.
+
+Autocast casts the inputs of convolutions and matrix products (``bmm``, ``matmul``, ``linear``...) to its
+low-precision dtype and leaves every other op in the dtype of its inputs. The ops of this package keep the
+quantities that need the precision (distances, logits, softmax statistics, sums of many terms) in
+:func:`accum_dtype` and cast the operands of their large products to :func:`compute_dtype` once, before
+gathering them tile by tile (a gather moves half the bytes in bf16, and autocast would otherwise cast every
+tile again). Both functions are device-agnostic (CPU, CUDA) and give the tensor's own dtype outside autocast,
+so fp32 and fp64 code paths are unchanged.
+"""
+import torch
+
+__all__ = ['compute_dtype', 'accum_dtype', 'to_compute', 'to_accum']
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Dtype of a matrix product of ``t`` here: the autocast dtype of ``t``'s device when autocast is on
+    (for floating ``t`` of at most fp32), else ``t.dtype``."""
+    dev = t.device.type
+    if t.dtype in (torch.float32, *_LOW) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
+
+
+def accum_dtype(t: torch.Tensor) -> torch.dtype:
+    """``t.dtype`` promoted to at least fp32 (fp16/bf16 -> fp32; fp32 and fp64 unchanged)."""
+    return torch.float32 if t.dtype in _LOW else t.dtype
+
+
+def to_compute(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in :func:`compute_dtype` (no copy when it already is)."""
+    return t.to(compute_dtype(t))
+
+
+def to_accum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in :func:`accum_dtype` (no copy when it already is)."""
+    return t.to(accum_dtype(t))

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""PSNR cost of bf16 autocast on trained networks: bf16 vs fp32 inference, and bf16 vs fp32 training.
+
+    python scripts/prepare_demo_data.py --out /tmp/bf16data
+    python scripts/precision_report.py --data /tmp/bf16data --work /tmp/bf16report --arch nlrn n3net
+
+For every architecture (a small NLRN in the window scope, a small N3Net) the script
+
+1. trains it twice through the ``basicsr train`` command on the demo data (sigma 25), with
+   ``train:precision: fp32`` and ``train:precision: bf16``: same seed, data, and iteration count
+   (``--iters``); runs that already have their final weights are not repeated;
+2. evaluates both trained networks on the validation photos at full size, with the validation noise of
+   the data set (fixed by the image name): the fp32-trained network once in fp32 and once under
+   ``torch.autocast(dtype=torch.bfloat16)``, the bf16-trained one in fp32;
+3. prints one table per architecture: per-image PSNR (dB, float output clipped to [0, 1], no rounding,
+   so that differences far below one grey level show) of the noisy input, the fp32 network in fp32 and
+   in bf16 and the difference, and of the bf16-trained network; the worst per-image bf16 loss and the
+   mean difference of the two trainings. ``--json`` writes the figures.
+
+Training uses the given number of threads (``OMP_NUM_THREADS``, default 2); expect a few minutes per run.
+"""
+import argparse
+import json
+import math
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import yaml
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+#: small networks of each paper's family (window-scope NLRN with the paper's q = 45; one N3 block)
+ARCHS = {
+    'nlrn': {'network_g': {'type': 'NLRN', 'num_feat': 32, 'num_embed': 16, 'num_steps': 4, 'nl_scope': 'window',
+                           'window_size': 45},
+             'gt_size': 43, 'batch': 8, 'lr': 1e-3},
+    # BN momentum 0.1: the official 0.001 leaves the running statistics (eval mode) unconverged after a short run
+    'n3net': {'network_g': {'type': 'N3Net', 'num_feat': 32, 'depth': 5, 'num_stages': 2, 'k': 4, 'embed_feat': 16,
+                            'bn_momentum': 0.1},
+              'gt_size': 48, 'batch': 8, 'lr': 1e-3},
+}
+
+
+def train_options(arch, precision, data, iters):
+    spec = ARCHS[arch]
+    return {
+        'name': f'precision_{arch}_{precision}', 'model_type': 'RestorationModel', 'num_gpu': 0, 'manual_seed': 0,
+        'datasets': {
+            'train': {'name': 'demo_train', 'type': 'SyntheticNoiseDataset',
+                      'dataroot_gt': osp.join(data, 'train.lmdb'), 'io_backend': {'type': 'lmdb'}, 'color': 'gray',
+                      'sigma': 25, 'gt_size': spec['gt_size'], 'use_hflip': True, 'use_rot': True,
+                      'num_worker_per_gpu': 0, 'batch_size_per_gpu': spec['batch'], 'dataset_enlarge_ratio': 100},
+            'val': {'name': 'demo_val', 'type': 'SyntheticNoiseDataset', 'dataroot_gt': osp.join(data, 'val'),
+                    'io_backend': {'type': 'disk'}, 'color': 'gray', 'sigma': 25}},
+        'network_g': dict(spec['network_g']),
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {'total_iter': iters, 'warmup_iter': -1, 'precision': precision,
+                  'optim_g': {'type': 'Adam', 'lr': spec['lr'], 'betas': [0.9, 0.999]},
+                  'scheduler': {'type': 'MultiStepLR', 'milestones': [int(iters * 0.7)], 'gamma': 0.5},
+                  'pixel_opt': {'type': 'SquaredErrorLoss', 'normalization': 'pixel'}},
+        'val': {'val_freq': iters, 'save_img': False, 'precision': 'fp32',
+                'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False}}},
+        'logger': {'print_freq': 50, 'save_checkpoint_freq': iters, 'use_tb_logger': False},
+    }
+
+
+def train(arch, precision, args):
+    opt = train_options(arch, precision, osp.abspath(args.data), args.iters)
+    weights = osp.join(args.work, 'experiments', opt['name'], 'models', 'net_g_latest.pth')
+    if osp.exists(weights):
+        return weights
+    os.makedirs(args.work, exist_ok=True)
+    path = osp.join(args.work, f"{opt['name']}.yml")
+    with open(path, 'w') as f:
+        yaml.safe_dump(opt, f, sort_keys=False)
+    basicsr = osp.join(osp.dirname(sys.executable), 'basicsr')
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p))
+    print(f'training {opt["name"]} ({args.iters} iterations) ...', file=sys.stderr, flush=True)
+    subprocess.run([basicsr, 'train', '-opt', path, '--root_path', args.work], check=True, env=env)
+    return weights
+
+
+def load(arch, weights):
+    import torch
+    from basicsr.utils.registry import ARCH_REGISTRY
+    spec = dict(ARCHS[arch]['network_g'])
+    net = ARCH_REGISTRY.get(spec.pop('type'))(**spec)
+    state = torch.load(weights, map_location='cpu', weights_only=True)
+    net.load_state_dict(state.get('params', state))
+    return net.eval()
+
+
+def val_pairs(data):
+    from basicsr.data import build_dataset
+    ds = build_dataset({'name': 'demo_val', 'type': 'SyntheticNoiseDataset', 'dataroot_gt': osp.join(data, 'val'),
+                        'io_backend': {'type': 'disk'}, 'color': 'gray', 'sigma': 25, 'phase': 'val'})
+    return [(osp.splitext(osp.basename(ds[i]['gt_path']))[0], ds[i]['lq'][None], ds[i]['gt'][None])
+            for i in range(len(ds))]
+
+
+def psnr(out, gt):
+    mse = float(((out.clamp(0, 1) - gt)**2).mean())
+    return 10 * math.log10(1.0 / mse)
+
+
+def restore(net, lq, dtype):
+    import torch
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None):
+        return net(lq).float()
+
+
+def evaluate(arch, w32, w16, pairs):
+    import torch
+    net32, net16 = load(arch, w32), load(arch, w16)
+    rows = []
+    for name, lq, gt in pairs:
+        p32 = psnr(restore(net32, lq, None), gt)
+        p16 = psnr(restore(net32, lq, torch.bfloat16), gt)
+        rows.append({'image': name, 'size': f'{gt.shape[3]}x{gt.shape[2]}', 'noisy': psnr(lq, gt), 'fp32': p32,
+                     'bf16': p16, 'bf16_minus_fp32': p16 - p32,
+                     'bf16_trained': psnr(restore(net16, lq, None), gt)})
+        rows[-1]['bf16_trained_minus_fp32_trained'] = rows[-1]['bf16_trained'] - p32
+    return rows
+
+
+def print_table(arch, rows, iters):
+    print(f'\n{arch}: {ARCHS[arch]["network_g"]}, {iters} iterations, sigma 25, PSNR dB (float output)')
+    print(f"{'image':<12}{'size':>9}{'noisy':>8}{'fp32':>9}{'bf16':>9}{'bf16-fp32':>11}"
+          f"{'bf16-trained':>14}{'trained diff':>14}")
+    for r in rows:
+        print(f"{r['image']:<12}{r['size']:>9}{r['noisy']:8.2f}{r['fp32']:9.3f}{r['bf16']:9.3f}"
+              f"{r['bf16_minus_fp32']:11.4f}{r['bf16_trained']:14.3f}{r['bf16_trained_minus_fp32_trained']:14.3f}")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k not in ('image', 'size')}
+    print(f"{'mean':<12}{'':>9}{mean['noisy']:8.2f}{mean['fp32']:9.3f}{mean['bf16']:9.3f}"
+          f"{mean['bf16_minus_fp32']:11.4f}{mean['bf16_trained']:14.3f}{mean['bf16_trained_minus_fp32_trained']:14.3f}")
+    worst = min(r['bf16_minus_fp32'] for r in rows)
+    print(f'worst per-image change from bf16 inference: {worst:+.4f} dB; bf16 training vs fp32 training, mean '
+          f"validation PSNR: {mean['bf16_trained_minus_fp32_trained']:+.3f} dB")
+    return {'rows': rows, 'mean': mean, 'worst_bf16_minus_fp32': worst}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--data', required=True, help='folder written by scripts/prepare_demo_data.py')
+    ap.add_argument('--work', required=True, help='folder for option files, experiments and results')
+    ap.add_argument('--arch', nargs='+', default=list(ARCHS), choices=list(ARCHS))
+    ap.add_argument('--iters', type=int, default=600, help='training iterations of every run')
+    ap.add_argument('--threads', type=int, default=int(os.environ.get('OMP_NUM_THREADS', 2)))
+    ap.add_argument('--json', default=None, help='also write the figures to this JSON file')
+    ap.add_argument('--train_only', default=None, choices=['fp32', 'bf16'], help='only run this training and stop')
+    args = ap.parse_args()
+    sys.path.insert(0, ROOT)
+    if args.train_only:
+        for arch in args.arch:
+            train(arch, args.train_only, args)
+        return
+    import torch
+
+    import nl_plugin  # noqa: F401  (registers the architectures, applies the BasicSR fixes)
+    torch.set_num_threads(args.threads)
+    pairs = val_pairs(osp.abspath(args.data))
+    report = {}
+    for arch in args.arch:
+        w32, w16 = train(arch, 'fp32', args), train(arch, 'bf16', args)
+        report[arch] = print_table(arch, evaluate(arch, w32, w16, pairs), args.iters)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
