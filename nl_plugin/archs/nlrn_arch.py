@@ -4,6 +4,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
+from nl_plugin.archs.nlrn_layout import attach_range_marker
 from nl_plugin.archs.windowed_nonlocal_arch import WindowedNonLocalBlock
 from nl_plugin.ops.windowed_attention import window_attention_rows
 
@@ -22,7 +23,10 @@ class NLRN(nn.Module):
     every step has its own three BatchNorms (eps 1e-3, momentum 0.01 = TF 0.99). The default
     network has 330,625 parameters outside BatchNorm (340,099 trainable in all).
 
-    Tensors are in [0, 1]. For SR feed the bicubic-upsampled Y channel (``num_in_ch=1``); the
+    Tensors are in [0, 1]. Inside, the input is multiplied by ``img_range`` and the output divided by
+    it (BasicSR's EDSR convention), so that the parameters, the BN epsilons, the loss gradients and
+    their clipping are at the official 0..255 scale: trained from scratch, the network starts and
+    moves as the official one. For SR feed the bicubic-upsampled Y channel (``num_in_ch=1``); the
     network is the same.
 
     Args:
@@ -42,12 +46,16 @@ class NLRN(nn.Module):
         propagate_correlation (bool): Carry the correlation across steps (eq. 6). Default: True.
         bn_eps (float): BatchNorm epsilon. Default: 1e-3.
         bn_momentum (float): BatchNorm momentum (PyTorch convention). Default: 0.01.
+        img_range (float): Pixel range the network works at inside (official: 255). Saved with the
+            weights; a state dict of another range is converted on load (``nlrn_layout``). Default: 255.
     """
 
     def __init__(self, num_in_ch=1, num_out_ch=1, num_feat=128, num_embed=64, num_steps=12, nl_scope='patch',
                  window_size=45, border='exclude', correlation='embedded_gaussian', share_weights=True,
-                 nonlocal_every=1, propagate_correlation=True, bn_eps=1e-3, bn_momentum=0.01):
+                 nonlocal_every=1, propagate_correlation=True, bn_eps=1e-3, bn_momentum=0.01, img_range=255.0):
         super().__init__()
+        if not float(img_range) > 0:
+            raise ValueError(f'img_range must be > 0, got {img_range!r}')
         if num_out_ch != num_in_ch:
             raise ValueError(f'NLRN predicts a residual: num_out_ch ({num_out_ch}) must equal num_in_ch ({num_in_ch})')
         if not isinstance(num_steps, int) or num_steps < 1:
@@ -56,6 +64,7 @@ class NLRN(nn.Module):
             raise ValueError(f'nonlocal_every must be a positive int, got {nonlocal_every!r}')
         self.num_in_ch, self.num_steps, self.nonlocal_every = num_in_ch, num_steps, nonlocal_every
         self.propagate_correlation = propagate_correlation
+        self.img_range = float(img_range)
         self.nl_steps = [t for t in range(num_steps) if t % nonlocal_every == 0]
 
         def bn(c):
@@ -81,6 +90,7 @@ class NLRN(nn.Module):
                 if not any(m is b.theta or m is b.phi for b in self.nonlocal_blocks):
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
+        attach_range_marker(self, self.img_range)
 
     def forward(self, x):
         """Args:
@@ -91,9 +101,10 @@ class NLRN(nn.Module):
         """
         if x.dim() != 4 or x.shape[1] != self.num_in_ch:
             raise ValueError(f'NLRN expects input of shape (B, {self.num_in_ch}, H, W), got {tuple(x.shape)}')
+        x = x * self.img_range      # official pixel scale inside; every path below works on it
         lean = not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
         if lean and self._can_stream(x):
-            return self._forward_window_stream(x)
+            return self._forward_window_stream(x) / self.img_range
         s0 = self.conv_first(self.bn_first(x))
         s, state = s0, None
         for t in range(self.num_steps):
@@ -112,7 +123,7 @@ class NLRN(nn.Module):
             h = self.convs_b[i](F.relu_(bn3(h)) if lean else F.relu(bn3(h)))
             s = h.add_(s0) if lean else h + s0             # identity path from s0
         res = self.conv_last(F.relu(self.bn_last(s)))
-        return x + res
+        return (x + res) / self.img_range
 
     def _can_stream(self, x):
         """Window-scope inference on an image whose long side spans several windows."""
@@ -133,7 +144,7 @@ class NLRN(nn.Module):
         along its longer side.
 
         Args:
-            x (Tensor): (B, num_in_ch, H, W) in [0, 1], eval mode.
+            x (Tensor): (B, num_in_ch, H, W) at the ``img_range`` scale, eval mode.
 
         Returns:
             Tensor: (B, num_in_ch, H, W).
