@@ -137,11 +137,14 @@ def build_table(names, columns):
     return lines
 
 
+CAPTION = 24  # px of the caption strip above every panel of the picture
+
+
 def label(img, text):
+    """The image as BGR under a black strip with ``text`` in white (the image itself is not drawn over)."""
     img = img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    img = img.copy()
-    cv2.putText(img, text, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 3, cv2.LINE_AA)
-    cv2.putText(img, text, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1, cv2.LINE_AA)
+    img = np.pad(img, ((CAPTION, 0), (0, 0), (0, 0)))
+    cv2.putText(img, text, (4, CAPTION - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
     return img
 
 

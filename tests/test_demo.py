@@ -17,7 +17,7 @@ from nl_plugin.data.synthetic_noise_dataset import SyntheticNoiseDataset
 
 NETS = (('DnCNN', 'dncnn'), ('N3Net', 'n3net'), ('NLRN', 'nlrn'))
 SIZE = 64
-GAP = 4  # scripts/demo.py: side_by_side gap between panels
+GAP, CAPTION = 4, 24  # scripts/demo.py: gap between panels, caption strip above each
 
 
 def _clean_images():
@@ -100,18 +100,19 @@ def test_report_table_and_picture(finished_run):
         assert rows['mean'][c][0] == pytest.approx((rows['a_square'][c][0] + rows['b_disk'][c][0]) / 2, abs=0.006)
 
     sheet = cv2.imread(str(root / 'pictures' / 'side_by_side.png'), cv2.IMREAD_UNCHANGED)
-    assert sheet.shape == (2 * (SIZE + GAP), 6 * (SIZE + GAP), 3)
+    assert sheet.shape == (2 * (CAPTION + SIZE + GAP), 6 * (SIZE + GAP), 3)
     for i, name in enumerate(['a_square', 'b_disk']):
         columns = [clean[name], noisy[name], None] + [expected[stem, name] for _, stem in NETS]
         for c, img in enumerate(columns):
-            panel = sheet[i * (SIZE + GAP):i * (SIZE + GAP) + SIZE, c * (SIZE + GAP):c * (SIZE + GAP) + SIZE]
-            below_label = slice(30, SIZE)
+            top, left = i * (CAPTION + SIZE + GAP) + CAPTION, c * (SIZE + GAP)
+            panel = sheet[top:top + SIZE, left:left + SIZE]
             assert (panel[..., 0] == panel[..., 2]).all()  # gray images drawn as BGR
             if img is not None:
-                np.testing.assert_array_equal(panel[below_label, :, 0], img[below_label])
+                np.testing.assert_array_equal(panel[..., 0], img)
             else:  # NL-means: closer to the clean image than the noisy one is
-                err = np.abs(panel[below_label, :, 0].astype(int) - clean[name][below_label])
-                assert err.mean() < np.abs(noisy[name][below_label].astype(int) - clean[name][below_label]).mean() / 2
+                err = np.abs(panel[..., 0].astype(int) - clean[name]).mean()
+                assert err < np.abs(noisy[name].astype(int) - clean[name]).mean() / 2
+            assert sheet[top - CAPTION:top, left:left + SIZE].max() == 255  # the caption's text
 
 
 def test_report_refuses_other_noisy_images(finished_run):
