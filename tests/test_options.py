@@ -32,7 +32,8 @@ def test_option_files_exist():
     names = {os.path.basename(p) for p in OPTION_FILES}
     for required in ('train_nlrn_denoise.yml', 'train_nlrn_sr.yml', 'train_n3net_denoise.yml', 'train_n3net_sr.yml',
                      'train_n3net_realnoise.yml', 'train_dncnn_denoise.yml', 'test_nlrn_denoise.yml',
-                     'test_nlrn_sr.yml', 'test_n3net_denoise.yml', 'demo_train.yml', 'demo_test.yml'):
+                     'test_nlrn_sr.yml', 'test_n3net_denoise.yml', 'demo_train_dncnn.yml', 'demo_test_dncnn.yml',
+                     'demo_train_n3net.yml', 'demo_test_n3net.yml', 'demo_train_nlrn.yml', 'demo_test_nlrn.yml'):
         assert required in names
 
 
