@@ -1,11 +1,31 @@
 """Whole-network benchmark cases: NLRN (window scope and the official tiled protocol), N3Net, training
-iterations, and the machine's matmul rate.
+iterations, and the machine's matmul rate. Every network case also runs under ``torch.autocast`` with bf16
+(``<case>_bf16``; the runner prints the fp32 / bf16 time ratios of the same run).
 
 Each case: name -> (description, builder). A builder gets (device, quick) and returns a dict with 'fn' (the
 timed callable), optional 'warmup' (run once before timing; default fn), optional 'flops' (per call, for
 GFLOP/s), optional 'scale' (the timed part is 1/scale of the case) and optional 'note'.
 """
 from .common import image, sync
+
+
+def under_autocast(build, dtype_name='bf16'):
+    """The case ``build`` with its timed and warm-up calls under ``torch.autocast(device, dtype)``."""
+    def wrapped(device, quick):
+        import torch
+        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype_name]
+        spec = build(device, quick)
+
+        def autocast(fn):
+            def run():
+                with torch.autocast(device, dtype=dtype):
+                    return fn()
+            return run
+        spec = dict(spec, fn=autocast(spec['fn']), note=f"{spec.get('note', '')} {dtype_name} autocast".strip())
+        if spec.get('warmup'):
+            spec['warmup'] = autocast(spec['warmup'])
+        return spec
+    return wrapped
 
 def case_matmul(device, quick):
     import torch
@@ -62,7 +82,9 @@ def case_n3net(size):
     return build
 
 
-def case_train_iter(kind):
+def case_train_iter(kind, dtype_name=None):
+    """One training iteration: forward and loss under autocast when ``dtype_name`` is set (backward and the
+    Adam step outside it, fp32 master weights, as RestorationModel does)."""
     def build(device, quick):
         import torch
         import nl_plugin  # noqa: F401  (compat fixes before BasicSR's subpackages load)
@@ -81,13 +103,18 @@ def case_train_iter(kind):
         x = torch.rand(shape, device=device)
         y = x.clone()
 
+        dtype = {None: None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype_name]
+
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x + 0.1 * torch.randn_like(x)), y)
+            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = net(x + 0.1 * torch.randn_like(x))
+            loss = loss_fn(out.float(), y)
             loss.backward()
             opt.step()
             sync(device)
-        return {'fn': step, 'note': f'batch {shape[0]} of {shape[2]}x{shape[3]}'}
+        note = f'batch {shape[0]} of {shape[2]}x{shape[3]}' + (f' {dtype_name} autocast' if dtype_name else '')
+        return {'fn': step, 'note': note}
     return build
 
 
@@ -102,5 +129,21 @@ CASES = {
     'train_iter_nlrn': ('NLRN training iteration (batch 16, 43x43)', case_train_iter('nlrn')),
     'train_iter_n3net': ('N3Net training iteration (batch 32, 80x80)', case_train_iter('n3net')),
 }
+
+
+def _with_bf16(cases):
+    """Each network case followed by its bf16 autocast twin ``<case>_bf16`` (run next to each other, so that
+    the fp32 / bf16 ratio compares runs made under the same machine load)."""
+    out = {}
+    for name, (desc, build) in cases.items():
+        out[name] = (desc, build)
+        if name.startswith(('nlrn_window', 'n3net')):
+            out[f'{name}_bf16'] = (f'{desc}, bf16 autocast', under_autocast(build))
+        elif name.startswith('train_iter_'):
+            out[f'{name}_bf16'] = (f'{desc}, bf16 autocast', case_train_iter(name[len('train_iter_'):], 'bf16'))
+    return out
+
+
+CASES = _with_bf16(CASES)
 
 

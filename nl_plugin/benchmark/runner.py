@@ -127,6 +127,9 @@ def ratios(results):
     add('N3 block: reference / fast, time (481x321)', 'op_n3block_ref_481x321', 'op_n3block_fast_481x321')
     add('N3 block: reference / fast, memory added by the run', 'op_n3block_ref_481x321',
         'op_n3block_fast_481x321', 'extra_mem_gb')
+    for r in results:       # fp32 / bf16 autocast of the same case, same run
+        if r['case'].endswith('_bf16'):
+            add(f"{r['case'][:-5]}: fp32 / bf16 time", r['case'][:-5], r['case'])
     for r in results:
         for k, v in r.items():
             if k.startswith('ratio_'):
