@@ -26,3 +26,13 @@ def test_command_line_writes_json(tmp_path):
     (row, ) = data['results']
     assert row['case'] == 'matmul_fp32' and row['runs'] == 1 and row['median_s'] > 0 and row['gflops'] > 0
     assert 'matmul_fp32' in r.stdout
+
+
+def test_network_cases_have_bf16_twins_and_same_run_ratios():
+    from nl_plugin.benchmark.runner import ratios
+    names = list(CASES)
+    for case in ('nlrn_window_481x321', 'nlrn_window_1024x768', 'n3net_481x321', 'n3net_1024x768',
+                 'train_iter_nlrn', 'train_iter_n3net'):
+        assert names.index(f'{case}_bf16') == names.index(case) + 1     # run right after the fp32 case
+    rows = [{'case': 'n3net_481x321', 'median_s': 3.0}, {'case': 'n3net_481x321_bf16', 'median_s': 1.2}]
+    assert ('n3net_481x321: fp32 / bf16 time', 2.5) in ratios(rows)

@@ -1,11 +1,32 @@
 """Whole-network benchmark cases: NLRN (window scope and the official tiled protocol), N3Net, training
-iterations, and the machine's matmul rate.
+iterations, and the machine's matmul rate. Every network case also runs under ``torch.autocast`` with bf16
+(``<case>_bf16``; the runner prints the fp32 / bf16 time ratios of the same run).
 
 Each case: name -> (description, builder). A builder gets (device, quick) and returns a dict with 'fn' (the
 timed callable), optional 'warmup' (run once before timing; default fn), optional 'flops' (per call, for
 GFLOP/s), optional 'scale' (the timed part is 1/scale of the case) and optional 'note'.
 """
 from .common import image, sync
+
+
+def under_autocast(build, dtype_name='bf16'):
+    """The case ``build`` with its timed and warm-up calls under ``torch.autocast(device, dtype)``."""
+    def wrapped(device, quick):
+        import torch
+        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype_name]
+        spec = build(device, quick)
+
+        def autocast(fn):
+            def run():
+                with torch.autocast(device, dtype=dtype):
+                    return fn()
+            return run
+        spec = dict(spec, fn=autocast(spec['fn']), note=f"{spec.get('note', '')} {dtype_name} autocast".strip())
+        if spec.get('warmup'):
+            spec['warmup'] = autocast(spec['warmup'])
+        return spec
+    return wrapped
+
 
 def case_matmul(device, quick):
     import torch
@@ -22,24 +43,16 @@ def _nlrn(device, **kw):
     return net
 
 
-def case_nlrn_window(size, autocast=None):
-    """NLRN window scope on one image; ``autocast``: a dtype to run the network under ``torch.autocast``."""
+def case_nlrn_window(size):
+    """NLRN window scope on one image (its bf16 twin: :func:`under_autocast`)."""
     def build(device, quick):
-        import contextlib
-
-        import torch
         h, w = (size if not quick else (size[0] // 4, size[1] // 4))
         net = _nlrn(device, nl_scope='window', window_size=45)
         x = image(h, w, device)
 
-        def run(t):
-            ctx = torch.autocast(device, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
-            with ctx:
-                return net(t)
         # On CUDA the warm-up is the full image: it compiles the FlexAttention kernels for this size.
         warm = x if device == 'cuda' else image(64, 64, device)
-        return {'fn': lambda: (run(x), sync(device)), 'warmup': lambda: (run(warm), sync(device)),
-                'note': f'autocast {autocast}' if autocast else ''}
+        return {'fn': lambda: (net(x), sync(device)), 'warmup': lambda: (net(warm), sync(device))}
     return build
 
 
@@ -73,7 +86,9 @@ def case_n3net(size):
     return build
 
 
-def case_train_iter(kind):
+def case_train_iter(kind, dtype_name=None):
+    """One training iteration: forward and loss under autocast when ``dtype_name`` is set (backward and the
+    Adam step outside it, fp32 master weights, as RestorationModel does)."""
     def build(device, quick):
         import torch
         import nl_plugin  # noqa: F401  (compat fixes before BasicSR's subpackages load)
@@ -92,13 +107,18 @@ def case_train_iter(kind):
         x = torch.rand(shape, device=device)
         y = x.clone()
 
+        dtype = {None: None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype_name]
+
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x + 0.1 * torch.randn_like(x)), y)
+            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = net(x + 0.1 * torch.randn_like(x))
+            loss = loss_fn(out.float(), y)
             loss.backward()
             opt.step()
             sync(device)
-        return {'fn': step, 'note': f'batch {shape[0]} of {shape[2]}x{shape[3]}'}
+        note = f'batch {shape[0]} of {shape[2]}x{shape[3]}' + (f' {dtype_name} autocast' if dtype_name else '')
+        return {'fn': step, 'note': note}
     return build
 
 
@@ -106,8 +126,6 @@ CASES = {
     'matmul_fp32': ('fp32 matmul rate of this machine', case_matmul),
     'nlrn_window_481x321': ('NLRN window scope (q=45, T=12), 481x321', case_nlrn_window((321, 481))),
     'nlrn_window_1024x768': ('NLRN window scope (q=45, T=12), 1024x768', case_nlrn_window((768, 1024))),
-    'nlrn_window_1024x768_bf16': ('NLRN window scope (q=45, T=12), 1024x768, under bf16 autocast',
-                                  case_nlrn_window((768, 1024), autocast='bfloat16')),
     'nlrn_tiled_481x321': ('NLRN official protocol (global scope, 45x45 tiles, stride 7), 481x321',
                            case_nlrn_tiled((321, 481))),
     'n3net_481x321': ('N3Net (official denoiser), 481x321', case_n3net((321, 481))),
@@ -115,5 +133,21 @@ CASES = {
     'train_iter_nlrn': ('NLRN training iteration (batch 16, 43x43)', case_train_iter('nlrn')),
     'train_iter_n3net': ('N3Net training iteration (batch 32, 80x80)', case_train_iter('n3net')),
 }
-#: cases measured by default only with --device cuda (on the CPU only when named with --only)
-CUDA_CASES = {'nlrn_window_1024x768_bf16'}
+
+
+def _with_bf16(cases):
+    """Each network case followed by its bf16 autocast twin ``<case>_bf16`` (run next to each other, so that
+    the fp32 / bf16 ratio compares runs made under the same machine load)."""
+    out = {}
+    for name, (desc, build) in cases.items():
+        out[name] = (desc, build)
+        if name.startswith(('nlrn_window', 'n3net')):
+            out[f'{name}_bf16'] = (f'{desc}, bf16 autocast', under_autocast(build))
+        elif name.startswith('train_iter_'):
+            out[f'{name}_bf16'] = (f'{desc}, bf16 autocast', case_train_iter(name[len('train_iter_'):], 'bf16'))
+    return out
+
+
+CASES = _with_bf16(CASES)
+
+

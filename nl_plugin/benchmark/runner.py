@@ -23,7 +23,6 @@ import sys
 import time
 
 from .network_cases import CASES as NETWORK_CASES
-from .network_cases import CUDA_CASES
 from .op_cases import OP_CASES
 
 CASES = {**NETWORK_CASES, **OP_CASES}
@@ -132,6 +131,9 @@ def ratios(results):
     add('N3 block: reference / fast, time (481x321)', 'op_n3block_ref_481x321', 'op_n3block_fast_481x321')
     add('N3 block: reference / fast, memory added by the run', 'op_n3block_ref_481x321',
         'op_n3block_fast_481x321', 'extra_mem_gb')
+    for r in results:       # fp32 / bf16 autocast of the same case, same run
+        if r['case'].endswith('_bf16'):
+            add(f"{r['case'][:-5]}: fp32 / bf16 time", r['case'][:-5], r['case'])
     for r in results:
         for k, v in r.items():
             if k.startswith('ratio_'):
@@ -187,10 +189,7 @@ def main():
         print(json.dumps(worker(args._worker, args.device, args.quick, args.repeats, args.budget)))
         return
     import torch
-    if args.only:
-        names = [n for n in CASES if any(s in n for s in args.only)]
-    else:
-        names = [n for n in CASES if args.device == 'cuda' or n not in CUDA_CASES]
+    names = [n for n in CASES if not args.only or any(s in n for s in args.only)]
     if 'matmul_fp32' not in names:
         names.insert(0, 'matmul_fp32')
     results = []
