@@ -1,10 +1,11 @@
 """Checkpoints that survive kills and full disks: atomic saves, RNG capture, and the choice of a state to resume.
 
-Networks (``models/net_g_<iter>.pth`` or ``.safetensors``, through
-:func:`nl_plugin.weights.save_weights`) and training states (``training_states/<iter>.state``) are written atomically (:mod:`nl_plugin.fileio`). A training state also holds every process's RNG states
-(torch, CUDA, NumPy, ``random``), and a resumed run restores them and starts its first epoch after the
-batches already trained on (:class:`ResumableSampler`), so that with ``num_worker_per_gpu: 0`` an
-interrupted and resumed run trains on the same samples with the same noise as an uninterrupted one.
+Networks (``models/net_g_<iter>.pth`` or ``.safetensors``, through :func:`nl_plugin.weights.save_weights`) and
+training states (``training_states/<iter>.state``) are written atomically (:mod:`nl_plugin.fileio`). A
+training state also holds every process's RNG states (torch, CUDA, NumPy, ``random``), and a resumed run
+restores them and starts its first epoch after the batches already trained on (:class:`ResumableSampler`), so
+that with ``num_worker_per_gpu: 0`` an interrupted and resumed run trains on the same samples with the same
+noise as an uninterrupted one.
 """
 import collections
 import os

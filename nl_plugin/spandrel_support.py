@@ -55,8 +55,9 @@ class _NLPluginArch(Architecture):
         return _spec_of(state_dict, self.arch_type)
 
     def load(self, state_dict):
-        import nl_plugin  # noqa: F401  (registers the archs)
         from basicsr.utils.registry import ARCH_REGISTRY
+
+        import nl_plugin  # noqa: F401  (registers the archs)
         state_dict = _unwrap(state_dict)
         spec = self.spec(state_dict)
         kwargs = {k: v for k, v in spec.items() if k != 'type'}

@@ -287,8 +287,9 @@ def resolve_arch(weights, arch_type=None, arch_opt=None, detect=True):
 
 def build_network(spec, where=''):
     """Build a registered architecture from an arch spec (unknown type/keys give one-line errors)."""
-    import nl_plugin  # noqa: F401  (registers the archs and the compat error messages)
     from basicsr.archs import build_network as _build
+
+    import nl_plugin  # noqa: F401  (registers the archs and the compat error messages)
     try:
         return _build(dict(spec))
     except (KeyError, TypeError, ValueError) as err:

@@ -19,7 +19,6 @@ import sys
 import cv2
 import numpy as np
 
-
 #: name -> skimage.data loader (all files ship inside the scikit-image wheel)
 TRAIN = ('coffee', 'chelsea', 'rocket', 'moon', 'brick', 'grass', 'gravel', 'hubble_deep_field',
          'immunohistochemistry', 'retina', 'motorcycle_left', 'motorcycle_right', 'page', 'text', 'clock')

@@ -10,8 +10,8 @@ import socket
 import sys
 import types
 
-import pytest
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

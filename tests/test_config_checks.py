@@ -39,8 +39,8 @@ def base_opt(root):
         'name': 'cfg', 'model_type': 'RestorationModel', 'num_gpu': 0, 'manual_seed': 1, 'is_train': True,
         'dist': False, 'rank': 0, 'world_size': 1, 'auto_resume': False,
         'datasets': {
-            'train': {'name': 't', 'type': 'SyntheticNoiseDataset', 'dataroot_gt': str(root / 'train'), 'phase': 'train',
-                      'sigma': 25, 'gt_size': 16, 'num_worker_per_gpu': 0, 'batch_size_per_gpu': 2},
+            'train': {'name': 't', 'type': 'SyntheticNoiseDataset', 'dataroot_gt': str(root / 'train'),
+                      'phase': 'train', 'sigma': 25, 'gt_size': 16, 'num_worker_per_gpu': 0, 'batch_size_per_gpu': 2},
             'val': {'name': 'v', 'type': 'SyntheticNoiseDataset', 'dataroot_gt': str(root / 'val'), 'phase': 'val'},
         },
         'network_g': dict(ARCH),

@@ -104,7 +104,8 @@ def test_name_map_shapes_and_layout():
         assert tuple(v.shape) == tuple(net_sd[k].shape), k
     k = arrays['model/rnn/RB1_a/kernel']
     np.testing.assert_allclose(sd['convs_a.0.weight'][5, 3], k[:, :, 3, 5].astype(np.float32))
-    np.testing.assert_allclose(sd['bns.11.2.weight'], arrays['model/rnn/batch_normalization_35/gamma'].astype(np.float32))
+    np.testing.assert_allclose(sd['bns.11.2.weight'],
+                               arrays['model/rnn/batch_normalization_35/gamma'].astype(np.float32))
     np.testing.assert_allclose(sd['bns.0.0.weight'], arrays['model/rnn/batch_normalization/gamma'].astype(np.float32))
 
 

@@ -7,7 +7,6 @@ from nl_plugin.archs.arch_util import add_first_channels, bicubic_upsample
 from nl_plugin.archs.dncnn_arch import DnCNN
 from nl_plugin.archs.vdsr_arch import VDSR
 
-
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
@@ -99,6 +98,7 @@ def test_vdsr_counts_upsampling_and_residual():
 def test_registered_in_basicsr_and_mmengine():
     from basicsr.utils.registry import ARCH_REGISTRY
     from mmengine.registry import MODELS
+
     import nl_plugin  # noqa: F401
     for name in ('DnCNN', 'VDSR', 'N3Net', 'N3Block', 'N3SetBlock'):
         assert ARCH_REGISTRY.get(name) is not None

@@ -115,7 +115,8 @@ def test_sr_scale_and_python_m_with_arch_for_a_bare_file(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     r = subprocess.run([sys.executable, '-m', 'nl_plugin.infer', '--model', str(bare), '--input',
                         str(tmp_path / 'small.png'), '--output', str(tmp_path / 'sr'), '--scale', '3',
-                        '--arch', 'DnCNN', '--arch-opt', 'num_feat=8', '--arch-opt', 'depth=3', '--arch-opt', 'bn=false'],
+                        '--arch', 'DnCNN', '--arch-opt', 'num_feat=8', '--arch-opt', 'depth=3',
+                        '--arch-opt', 'bn=false'],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'colour y' in r.stderr

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from nl_plugin.data.synthetic_noise_dataset import SyntheticNoiseDataset
 from nl_plugin.data.lmdb_writer import create_lmdb
+from nl_plugin.data.synthetic_noise_dataset import SyntheticNoiseDataset
 
 
 @pytest.fixture(scope='module')

@@ -66,8 +66,8 @@ def naive_knn_paper(alpha, k, t):
 
 def dense_weights(weights, index, n):
     """Scatter (B, L, k, M) weights at ``index`` into dense (B, L, k, N)."""
-    b, l, k, m = weights.shape
-    return weights.new_zeros(b, l, k, n).scatter(3, index.expand(b, l, m)[:, :, None].expand(b, l, k, m), weights)
+    b, q, k, m = weights.shape
+    return weights.new_zeros(b, q, k, n).scatter(3, index.expand(b, q, m)[:, :, None].expand(b, q, k, m), weights)
 
 
 def test_padding_rule():

@@ -216,6 +216,7 @@ def test_n3net_official_defaults_and_denormal_flag():
 
 def test_n3net_builds_from_mmengine():
     from mmengine.registry import MODELS
+
     import nl_plugin  # noqa: F401
     net = MODELS.build(dict(type='N3Net', num_stages=2, k=3))
     assert isinstance(net, N3Net) and len(net.n3_blocks) == 1 and net.n3_blocks[0].k == 3

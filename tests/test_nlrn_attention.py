@@ -4,10 +4,20 @@ import logging
 import pytest
 import torch
 
-from nl_plugin.ops.nlrn_attention import (CorrelationState, Kernel, Layout, dense_attention_reference,
-                                          euclidean_embeddings, global_attention, propagated_attention,
-                                          window_attention, window_attention_rows, window_mask)
-from nl_plugin.ops.nlrn_attention import halo_inference, router
+from nl_plugin.ops.nlrn_attention import (
+    CorrelationState,
+    Kernel,
+    Layout,
+    dense_attention_reference,
+    euclidean_embeddings,
+    global_attention,
+    halo_inference,
+    propagated_attention,
+    router,
+    window_attention,
+    window_attention_rows,
+    window_mask,
+)
 from nl_plugin.ops.nlrn_attention.common import requires_grad, window_geometry
 from nl_plugin.ops.nlrn_attention.halo import halo_attention
 from nl_plugin.ops.nlrn_attention.halo_inference import strips_attention

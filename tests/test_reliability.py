@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from conftest import basicsr_cmd
-from test_cli import _free_port, read_log
-from nl_plugin.data.lmdb_writer import create_lmdb
 from nl_plugin.checkpoint import load_state
+from nl_plugin.data.lmdb_writer import create_lmdb
 from nl_plugin.weights import read_all
+from test_cli import _free_port, read_log
 
 BN_ARCH = {'type': 'DnCNN', 'num_in_ch': 1, 'num_out_ch': 1, 'num_feat': 8, 'depth': 3}
 
@@ -133,7 +133,8 @@ def test_ema_keeps_batchnorm_statistics_of_the_trained_net(data, straight):
         assert all(torch.allclose(e, n, rtol=0.2, atol=0.02) for e, n in zip(ema, net))
     psnr = {}
     gen = torch.Generator().manual_seed(0)
-    clean = [torch.from_numpy(cv2.imread(str(p), 0)).float()[None, None] / 255 for p in sorted((data / 'val').iterdir())]
+    clean = [torch.from_numpy(cv2.imread(str(p), 0)).float()[None, None] / 255
+             for p in sorted((data / 'val').iterdir())]
     noisy = [c + torch.randn(c.shape, generator=gen) * 25 / 255 for c in clean]
     for key in ('params', 'params_ema'):
         net = DnCNN(**{k: v for k, v in BN_ARCH.items() if k != 'type'}).eval()

@@ -3,9 +3,9 @@ import logging
 
 import pytest
 import torch
-from torch import nn
 from basicsr.models import build_model
 from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
 
 
 class _TestPointNet(nn.Module):
@@ -80,7 +80,8 @@ def test_exponential_decay_per_epoch(tmp_path):
 def test_value_clipping_divided_by_lr(tmp_path):
     """VDSR's adjustable clipping: every gradient element within [-theta / lr, theta / lr]."""
     model = build_model(make_opt(tmp_path, train={
-        'grad_clip': {'mode': 'value', 'max_value': 1e-6, 'divide_by_lr': True}, 'optim_g': {'type': 'SGD', 'lr': 0.01}}))
+        'grad_clip': {'mode': 'value', 'max_value': 1e-6, 'divide_by_lr': True},
+        'optim_g': {'type': 'SGD', 'lr': 0.01}}))
     model.feed_data(batch())
     model.optimize_parameters(1)
     grads = torch.cat([p.grad.flatten() for p in model.net_g.parameters()])

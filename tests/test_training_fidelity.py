@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 from basicsr.models import build_model
-from conftest import ROOT
 from torch.nn import functional as F
 
+from conftest import ROOT
 from nl_plugin.archs.nlrn_arch import NLRN
 
 
@@ -92,7 +92,8 @@ def _official_nlrn_steps(params, noisy255, noise255, num_steps, iters):
     return losses, p, clipped
 
 
-@pytest.mark.parametrize('option_file', ['train_nlrn_denoise.yml', 'train_nlrn_denoise_bsd300.yml', 'train_nlrn_sr.yml'])
+@pytest.mark.parametrize('option_file',
+                         ['train_nlrn_denoise.yml', 'train_nlrn_denoise_bsd300.yml', 'train_nlrn_sr.yml'])
 def test_nlrn_steps_match_official_solver(tmp_path, option_file, one_thread):
     torch.manual_seed(0)
     steps, iters = 3, 3

@@ -37,6 +37,7 @@ def case_matmul(device, quick):
 
 def _nlrn(device, **kw):
     import torch
+
     from nl_plugin.archs.nlrn_arch import NLRN
     net = NLRN(**kw).to(device).eval()
     torch.set_grad_enabled(False)
@@ -77,6 +78,7 @@ def case_nlrn_tiled(size):
 def case_n3net(size):
     def build(device, quick):
         import torch
+
         from nl_plugin.archs.n3net_arch import N3Net
         h, w = (size if not quick else (size[0] // 4, size[1] // 4))
         net = N3Net().to(device).eval()
@@ -91,8 +93,9 @@ def case_train_iter(kind, dtype_name=None):
     Adam step outside it, fp32 master weights, as RestorationModel does)."""
     def build(device, quick):
         import torch
-        import nl_plugin  # noqa: F401  (compat fixes before BasicSR's subpackages load)
         from basicsr.losses import build_loss
+
+        import nl_plugin  # noqa: F401  (compat fixes before BasicSR's subpackages load)
         if kind == 'nlrn':
             from nl_plugin.archs.nlrn_arch import NLRN
             net, shape = NLRN(nl_scope='global'), (16, 1, 43, 43)

@@ -54,7 +54,8 @@ def train_size(impl, window_size=None):
             out.sum().backward()
             sync(device)
         n = 43 * 43
-        return {'fn': step, 'flops': 3 * 2 * b * n * n * (64 + 128), 'note': f'batch {b}, fwd+bwd, dense-equivalent flops'}
+        return {'fn': step, 'flops': 3 * 2 * b * n * n * (64 + 128),
+                'note': f'batch {b}, fwd+bwd, dense-equivalent flops'}
     return build
 
 

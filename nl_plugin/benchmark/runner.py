@@ -167,7 +167,8 @@ def print_table(results, meta):
             continue
         gf = f"{r['gflops']:.1f}" if r.get('gflops') else ''
         extra = f"{r['extra_mem_gb']:.2f}" if 'extra_mem_gb' in r else ''
-        print(f"{r['case']:<26}{r['median_s']:>10.3f}{r['runs']:>6}{r['peak_mem_gb']:>9.2f}{extra:>7}{gf:>9}  {r['note']}")
+        print(f"{r['case']:<26}{r['median_s']:>10.3f}{r['runs']:>6}{r['peak_mem_gb']:>9.2f}{extra:>7}{gf:>9}"
+              f"  {r['note']}")
     rs = ratios(results)
     if rs:
         print('\nratios (same run)')
