@@ -28,6 +28,28 @@ def under_autocast(build, dtype_name='bf16'):
     return wrapped
 
 
+def case_injection(blocks):
+    """``options/train_edsr_n3.yml``'s network (EDSR x2, 16 blocks of 64 features) on 481x321 with only the
+    inserted blocks at ``blocks`` (indices into its list; () = the EDSR base alone), eval, no autograd."""
+    def build(device, quick):
+        import os
+
+        import torch
+        import yaml
+        from basicsr.archs import build_network
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(os.path.join(root, 'options', 'train_edsr_n3.yml')) as f:
+            opt = yaml.safe_load(f)['network_g']
+        opt = dict(opt, blocks=[opt['blocks'][i] for i in blocks], base_pretrained=None)
+        net = build_network(opt).to(device).eval()
+        torch.set_grad_enabled(False)
+        h, w = (321, 481) if not quick else (80, 120)
+        x = image(h, w, device, c=3)
+        return {'fn': lambda: (net(x), sync(device)), 'warmup': lambda: net(image(64, 64, device, c=3)),
+                'note': ', '.join(f"{b['type']} after {b['after']}" for b in opt['blocks']) or 'base'}
+    return build
+
+
 def case_matmul(device, quick):
     import torch
     n = 1024 if quick else 2048
@@ -135,6 +157,10 @@ CASES = {
     'n3net_1024x768': ('N3Net (official denoiser), 1024x768', case_n3net((768, 1024))),
     'train_iter_nlrn': ('NLRN training iteration (batch 16, 43x43)', case_train_iter('nlrn')),
     'train_iter_n3net': ('N3Net training iteration (batch 32, 80x80)', case_train_iter('n3net')),
+    'inject_edsr_base_481x321': ('EDSR x2 (base of train_edsr_n3.yml), 481x321 input', case_injection(())),
+    'inject_edsr_n3_481x321': ('EDSR x2 + its inserted N3Block, 481x321 input', case_injection((0, ))),
+    'inject_edsr_window_481x321': ('EDSR x2 + its inserted window-scope non-local block, 481x321 input',
+                                   case_injection((1, ))),
 }
 
 

@@ -128,6 +128,11 @@ def ratios(results):
     add('training-size window attention (q=45): dense / fast, memory added by the run',
         'op_train_win_dense_fwdbwd', 'op_train_win_fast_fwdbwd', 'extra_mem_gb')
     add('NLRN window 1024x768 / 481x321, peak memory', 'nlrn_window_1024x768', 'nlrn_window_481x321', 'peak_mem_gb')
+    for block in ('n3', 'window'):
+        add(f'EDSR + inserted {block} block / EDSR, time (481x321)', f'inject_edsr_{block}_481x321',
+            'inject_edsr_base_481x321')
+        add(f'EDSR + inserted {block} block / EDSR, memory added by the run', f'inject_edsr_{block}_481x321',
+            'inject_edsr_base_481x321', 'extra_mem_gb')
     add('N3 block: reference / fast, time (481x321)', 'op_n3block_ref_481x321', 'op_n3block_fast_481x321')
     add('N3 block: reference / fast, memory added by the run', 'op_n3block_ref_481x321',
         'op_n3block_fast_481x321', 'extra_mem_gb')
