@@ -55,7 +55,7 @@ def atomic_write(path, write_fn, mode='wb'):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        _fsync_folder(folder)
+        fsync_path(folder)
     except Exception as err:
         if tmp is not None:
             try:
@@ -65,10 +65,11 @@ def atomic_write(path, write_fn, mode='wb'):
         raise WriteError(f'cannot write {path!r}: {type(err).__name__}: {err}') from err
 
 
-def _fsync_folder(folder):
-    """Make the rename durable (POSIX); folders cannot be opened for syncing on Windows."""
+def fsync_path(path):
+    """fsync a file or a folder by name (a folder makes a rename durable on POSIX); a path that cannot be opened
+    for it (a folder on Windows) is left as it is."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from nl_plugin.fileio import fsync_path
+
 
 def _imports():
     """BasicSR's LMDB writer, imported through nl_plugin (its compatibility fixes make ``import basicsr``
@@ -95,9 +97,9 @@ def create_lmdb(input_folder, lmdb_path, compress_level=1, gray=False, progress=
         finally:
             maker.close()
         for name in os.listdir(tmp):
-            _fsync(osp.join(tmp, name))
+            fsync_path(osp.join(tmp, name))
         os.rename(tmp, lmdb_path)  # fails rather than replace an output that appeared meanwhile
-        _fsync(parent)
+        fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -127,13 +129,3 @@ def _encode(path, gray, compress_level):
         raise ValueError(f'image {path!r} does not survive a PNG round trip ({img.dtype}, shape {img.shape})')
     h, w = img.shape[:2]
     return buf.tobytes(), (h, w, 1 if img.ndim == 2 else img.shape[2])
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

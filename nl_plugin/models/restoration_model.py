@@ -41,6 +41,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
 from nl_plugin import weights
+from nl_plugin.config_checks import input_channels
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
 
 from .device_options import CompiledNetworks, channels_last, check_device_options, set_tf32
@@ -69,7 +70,7 @@ class RestorationModel(SolverMixin, ValidationMixin, SRModel):
         self.residual_learning = bool(opt.get('residual_learning', False))
         super().__init__(opt)
         self.precision = ModelPrecision(opt, self.device, get_root_logger())
-        self._expected_in_ch = self._first_layer_channels(self.get_bare_model(self.net_g))
+        self._expected_in_ch = input_channels(self.get_bare_model(self.net_g))
         self._pbar = None
 
     # ------------------------------------------------------------------ options
@@ -100,15 +101,6 @@ class RestorationModel(SolverMixin, ValidationMixin, SRModel):
                 if int(tile.get('size', 0)) <= 0:
                     raise ValueError(f'val:tile:size must be a positive integer, got {tile.get("size")!r}')
         check_device_options(opt)
-
-    @staticmethod
-    def _first_layer_channels(net):
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                return m.in_channels
-            if isinstance(m, torch.nn.BatchNorm2d):
-                return m.num_features
-        return None
 
     # ------------------------------------------------------------------ device: TF32, channels-last, compile
     def model_to_device(self, net):
