@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 import torch
-import yaml
 
 from nl_plugin import image_io
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
+from nl_plugin.utils import key_value_arg
 
 _DESCRIPTION = __doc__.split('\n\n')[0].replace('``', "'")
 
@@ -42,12 +42,6 @@ def _tile_arg(text):
     return size, overlap if overlap is not None else size // 8
 
 
-def _key_value(text):
-    key, sep, value = text.partition('=')
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {text!r}')
-    return key, yaml.safe_load(value)
-
 
 def build_parser(parser=None):
     """The ``infer`` argument parser (also used as the ``basicsr infer`` subparser)."""
@@ -56,7 +50,7 @@ def build_parser(parser=None):
     p.add_argument('--input', required=True, metavar='FILE_OR_DIR', help='an image, or a folder of images')
     p.add_argument('--output', required=True, metavar='DIR', help='folder for the results (created if needed)')
     p.add_argument('--arch', metavar='TYPE', help='architecture, for files that carry none (e.g. NLRN, N3Net, DnCNN)')
-    p.add_argument('--arch-opt', type=_key_value, action='append', default=[], metavar='KEY=VALUE',
+    p.add_argument('--arch-opt', type=key_value_arg, action='append', default=[], metavar='KEY=VALUE',
                    help='constructor argument overriding the file\'s (YAML value), e.g. nl_scope=window; repeatable')
     p.add_argument('--param-key', metavar='KEY', help='state dict to use (default: params_ema if present, else params)')
     p.add_argument('--tile', type=_tile_arg, default='auto', metavar='SIZE[:OVERLAP]',

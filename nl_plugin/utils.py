@@ -1,4 +1,5 @@
 """Small helpers shared by the plugin's subpackages."""
+import argparse
 import importlib
 import os
 
@@ -48,3 +49,12 @@ def renamed_options(**renames):
         cls.renamed_options = dict(getattr(cls, 'renamed_options', {}), **renames)
         return cls
     return wrap
+
+
+def key_value_arg(text):
+    """argparse ``type`` for ``KEY=VALUE`` (e.g. ``--arch-opt num_feat=64``): the value read as YAML."""
+    import yaml
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {text!r}')
+    return key, yaml.safe_load(value)

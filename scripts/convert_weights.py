@@ -17,16 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import yaml  # noqa: E402
 
 from nl_plugin import weights  # noqa: E402
-
-
-def _key_value(text):
-    key, sep, value = text.partition('=')
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {text!r}')
-    return key, yaml.safe_load(value)
+from nl_plugin.utils import key_value_arg  # noqa: E402
 
 
 def convert(src, dst, arch_type=None, arch_opt=None, param_key=None, overwrite=False, write=None):
@@ -59,7 +52,7 @@ def main(argv=None):
     parser.add_argument('input', help='.pth or .safetensors')
     parser.add_argument('output', help='.pth or .safetensors (the format follows the extension)')
     parser.add_argument('--arch', help='architecture for files that carry none (or to replace it)')
-    parser.add_argument('--arch-opt', type=_key_value, action='append', default=[], metavar='KEY=VALUE',
+    parser.add_argument('--arch-opt', type=key_value_arg, action='append', default=[], metavar='KEY=VALUE',
                         help='constructor argument to store (YAML value); repeatable')
     parser.add_argument('--param-key', help='keep only this state dict (e.g. params_ema)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output')

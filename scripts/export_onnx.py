@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from nl_plugin import weights  # noqa: E402
+from nl_plugin.utils import key_value_arg  # noqa: E402
 
 EXPORTERS = ('torchscript', 'dynamo')
 
@@ -121,19 +121,13 @@ def export_onnx(model, path, channels, height, width, exporters=EXPORTERS, stati
     raise RuntimeError(f'{path}: no exporter produced a model that matches PyTorch: ' + ' | '.join(tried))
 
 
-def _key_value(text):
-    key, sep, value = text.partition('=')
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {text!r}')
-    return key, yaml.safe_load(value)
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', required=True, help='weight file (.pth or .safetensors)')
     parser.add_argument('--output', required=True, help='.onnx file to write')
     parser.add_argument('--arch', help='architecture for files that carry none')
-    parser.add_argument('--arch-opt', type=_key_value, action='append', default=[], metavar='KEY=VALUE')
+    parser.add_argument('--arch-opt', type=key_value_arg, action='append', default=[], metavar='KEY=VALUE')
     parser.add_argument('--param-key', help='state dict to export (default: params_ema if present, else params)')
     parser.add_argument('--height', type=int, default=64, help='example height (the fixed one if not dynamic)')
     parser.add_argument('--width', type=int, default=64, help='example width (the fixed one if not dynamic)')
