@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.nl_plugin-installed
 
-.PHONY: install demo test lint bench clean-demo
+.PHONY: install demo test lint bench gpu-check clean-demo
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py
+
+# On a machine with a GPU: CUDA tests, CUDA benchmark, NLRN/N3Net training under torchrun and a test run,
+# one table at the end (at most 8 minutes; see README, GPU). GPU_CHECK_ARGS=--smoke runs it on the CPU.
+GPU_CHECK_OUT ?= gpu_check_out
+gpu-check: $(STAMP)
+	PYTHONUNBUFFERED=1 $(PY) scripts/gpu_check.py $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean-demo:
 	rm -rf experiments/demo_* results/demo_* demo_out

@@ -25,8 +25,18 @@ setup(
     extras_require={
         # Only needed to read official NLRN TF1 checkpoints (scripts/convert_nlrn_tf.py).
         'convert': ['tensorflow-cpu'],
-        # The test suite and the linter (`make test`, `make lint`).
-        'test': ['pytest', 'ruff'],
+        # Weight files in .safetensors (path:save_format, scripts/convert_weights.py, basicsr infer).
+        'safetensors': ['safetensors'],
+        # Loading nl_plugin weight files through spandrel / chaiNNer (nl_plugin.spandrel_support).
+        'spandrel': ['spandrel', 'safetensors'],
+        # scripts/export_onnx.py and its onnxruntime check.
+        'onnx': ['onnx', 'onnxscript', 'onnxruntime'],
+        # The test suite and the linter (`make test`, `make lint`); the optional formats and figure libraries
+        # are included so that their tests run in CI instead of skipping.
+        'test': ['pytest', 'ruff', 'safetensors', 'spandrel', 'onnx', 'onnxscript', 'onnxruntime', 'matplotlib',
+                 'tensorboard'],
+        # Figures (scripts/visualize_attention.py, plot_curves.py) and TensorBoard logging.
+        'viz': ['matplotlib', 'tensorboard'],
     },
     entry_points={'console_scripts': ['basicsr = nl_plugin.cli:main']},
 )

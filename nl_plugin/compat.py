@@ -4,14 +4,14 @@
 file is edited: each fix rebinds one attribute, and the comment above it names the BasicSR behaviour
 it corrects. Keep this module the only place that knows about BasicSR's quirks.
 """
-import collections
 import difflib
 import importlib
-import inspect
 import os
 import sys
 
 import torch
+
+from nl_plugin import config_checks  # nl_plugin.checkpoint imports BasicSR: imported where used, after fix 1
 
 _APPLIED = False
 
@@ -72,33 +72,48 @@ def model_to_device(self, net):
 # --- 4. ``basicsr.train.load_resume_state`` (a) looks for states in ``./experiments/<name>`` relative to
 #        the working directory although they are written under ``root_path``; (b) maps every tensor to
 #        ``torch.cuda.current_device()``, which fails on a CPU machine; (c) unpickles the scheduler's
-#        ``collections.Counter`` which ``torch.load(weights_only=True)`` (the default) refuses.
+#        ``collections.Counter`` which ``torch.load(weights_only=True)`` (the default) refuses; (d) takes the
+#        newest ``.state`` even when it is torn, and crashes with EOFError (see fix 10).
 def load_resume_state(opt):
     """Find (``--auto_resume``) or read (``path.resume_state``) a training state on any device."""
-    from basicsr.utils import check_resume, scandir
-    state_path = None
-    if opt['auto_resume']:
-        state_dir = opt['path']['training_states']
-        if os.path.isdir(state_dir):
-            iters = [int(v[:-len('.state')]) for v in scandir(state_dir, suffix='.state', recursive=False)
-                     if v[:-len('.state')].isdigit()]
-            if iters:
-                state_path = os.path.join(state_dir, f'{max(iters)}.state')
-                opt['path']['resume_state'] = state_path
-    elif opt['path'].get('resume_state'):
-        state_path = opt['path']['resume_state']
-    if state_path is None:
-        return None
-    if not os.path.isfile(state_path):
-        raise FileNotFoundError(f'path.resume_state: training state {state_path!r} does not exist')
+    from basicsr.utils import check_resume
+
+    from nl_plugin import checkpoint
+    _validate_once(opt)  # fix 8: this runs before make_exp_dirs in train_pipeline
+    _apply_determinism(opt)  # fix 13: after train_pipeline switched cudnn.benchmark on
     if opt.get('num_gpu', 0) != 0 and torch.cuda.is_available():
         device = torch.device('cuda', torch.cuda.current_device())
     else:
         device = torch.device('cpu')
-    with torch.serialization.safe_globals([collections.Counter]):
-        state = torch.load(state_path, map_location=device, weights_only=True)
+    if opt['auto_resume']:
+        state_path, state = checkpoint.find_resume_state(opt, device, report=_report)
+        if state_path is None:
+            return None
+        opt['path']['resume_state'] = state_path
+    elif opt['path'].get('resume_state'):
+        state_path = opt['path']['resume_state']
+        if not os.path.isfile(state_path):
+            raise FileNotFoundError(f'path.resume_state: training state {state_path!r} does not exist')
+        try:
+            state = checkpoint.load_state(state_path, device)
+        except Exception as err:
+            raise ValueError(f'path.resume_state: cannot read training state {state_path!r} '
+                             f'({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}); '
+                             'use --auto_resume to fall back to the newest readable one') from None
+    else:
+        return None
     check_resume(opt, state['iter'])
+    checkpoint.remember_resume(state, _report)
     return state
+
+
+_REPORTS = []
+
+
+def _report(message):
+    """Messages from before BasicSR's logger exists: printed now, written to the log once it exists (fix 10)."""
+    print(message, file=sys.stderr, flush=True)
+    _REPORTS.append(message)
 
 
 # --- 5. ``Registry.get`` prints a misleading "use name: X_basicsr!" line on every miss and its error
@@ -126,29 +141,18 @@ def build_network(opt):
     if 'type' not in opt:
         raise KeyError(f'network: the option "type" is missing in {dict(opt)}')
     arch = ARCH_REGISTRY.get(opt.pop('type'))
-    check_kwargs(arch, opt, where=f'network {arch.__name__}')
+    config_checks.check_kwargs(arch, opt, where=f'network {arch.__name__}')
     net = arch(**opt)
     get_root_logger().info(f'Network [{net.__class__.__name__}] is created.')
     return net
-
-
-def check_kwargs(fn, kwargs, where):
-    """Raise a ``KeyError`` naming every key in ``kwargs`` that ``fn`` does not accept."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [k for k, p in params.items() if k != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    bad = [k for k in kwargs if k not in valid]
-    if bad:
-        hints = ''.join(f' ({k!r}: did you mean {difflib.get_close_matches(k, valid, n=1)[0]!r}?)'
-                        for k in bad if difflib.get_close_matches(k, valid, n=1))
-        raise KeyError(f'{where}: unknown option key(s) {bad}{hints}. Valid keys: {valid}')
 
 
 # --- 7. ``parse_options`` keeps ``num_gpu: 1`` (common in BasicSR option files) on a machine without a GPU,
 #        and the model then fails deep inside ``.to('cuda')``. Fall back to the CPU with a clear warning.
 def parse_options(root_path, is_train=True):
     opt, args = _ORIGINAL['parse_options'](root_path, is_train=is_train)
+    if opt.get('deterministic'):  # fix 13: cuBLAS reads this when it starts, before any CUDA work
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     if opt.get('num_gpu', 0) != 0 and not torch.cuda.is_available():
         print(f"num_gpu: {opt['num_gpu']} was requested but no CUDA device is available; running on the CPU "
               "(set num_gpu: 0 or auto to silence this).", flush=True)
@@ -157,36 +161,155 @@ def parse_options(root_path, is_train=True):
 
 
 # --- 8. ``train_pipeline``/``test_pipeline`` create the output folders, and archive an existing one, BEFORE
-#        the datasets and the network are built: a typo in the option file moves the previous run away
-#        and leaves an empty experiment behind. Build (and so validate) them first, without logging.
+#        the datasets and the network are built, and read many options only when they are first needed: a
+#        typo in the option file (a loss, optimizer, scheduler or metric type, a missing ``total_iter``, a
+#        batch size of 0, a missing weights file, a crop larger than the images, a channel mismatch) moves
+#        the previous run away and leaves an empty experiment behind. Check all of it first, without logging.
+#: ``basicsr train --check_data``: also decode every training and validation image up front.
+CHECK_DATA = {'enabled': False}
+_VALIDATED = set()
+
+
 def validate_options(opt):
-    """Build every dataset and the network once so that bad keys/values fail before any folder is touched."""
+    """Check the options, build every dataset and the network once: bad keys/values fail before any folder."""
     from copy import deepcopy
 
     from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
     model_cls = MODEL_REGISTRY.get(opt['model_type'])
     if hasattr(model_cls, 'validate_options'):
         model_cls.validate_options(opt)
+    config_checks.check_options(opt)
+    datasets = {}
     for phase, ds_opt in opt.get('datasets', {}).items():
         ds_opt = deepcopy(ds_opt)
         try:
-            DATASET_REGISTRY.get(ds_opt.get('type'))(ds_opt)
+            datasets[phase] = DATASET_REGISTRY.get(ds_opt.get('type'))(ds_opt)
         except (KeyError, ValueError, FileNotFoundError, OSError) as err:
             raise type(err)(f'datasets:{phase}: {err}') from err
+    nets = {}
     for key in [k for k in opt if k.startswith('network_')]:
         net_opt = deepcopy(opt[key])
         arch = ARCH_REGISTRY.get(net_opt.pop('type', None))
-        check_kwargs(arch, net_opt, where=f'{key} ({arch.__name__})')
+        config_checks.check_kwargs(arch, net_opt, where=f'{key} ({arch.__name__})')
         try:
             with torch.device('meta'):
-                arch(**net_opt)
+                nets[key] = arch(**net_opt)
         except (KeyError, ValueError) as err:
             raise type(err)(f'{key}: {err}') from err
+    out_ch = None
+    if 'network_g' in opt:
+        out_ch = config_checks.output_channels(opt['network_g'], ARCH_REGISTRY.get(opt['network_g'].get('type')))
+    from basicsr.utils.dist_util import get_dist_info
+    config_checks.check_data(datasets, nets.get('network_g'), out_ch,
+                             full=CHECK_DATA['enabled'] and get_dist_info()[0] == 0)
+
+
+def _validate_once(opt):
+    if id(opt) not in _VALIDATED:
+        validate_options(opt)
+        _VALIDATED.add(id(opt))
 
 
 def make_exp_dirs(opt):
-    validate_options(opt)
+    _validate_once(opt)
+    _apply_determinism(opt)
     _ORIGINAL['make_exp_dirs'](opt)
+
+
+# --- 9. ``save_network``/``save_training_state`` write with plain ``torch.save`` to the final name (a kill
+#        leaves a torn file that blocks --auto_resume), retry three times and then log "Just ignore it."
+#        and go on (a full disk ends in exit 0 with empty checkpoints), and write NaN weights as readily as
+#        any. Write atomically, refuse non-finite weights, raise naming the file; keep every process's RNG.
+def save_network(self, net, net_label, current_iter, param_key='params'):
+    from nl_plugin import checkpoint
+    checkpoint.save_network(self, net, net_label, current_iter, param_key)
+
+
+def save_training_state(self, epoch, current_iter):
+    from nl_plugin import checkpoint
+    checkpoint.save_training_state(self, epoch, current_iter)
+
+
+# --- 10. A resumed run restarts its epoch from the first batch (samples trained on twice) with fresh RNG
+#         streams. Start after the batches already done and restore the saved RNG states (see
+#         ``nl_plugin.checkpoint``), and log what --auto_resume skipped.
+def create_train_val_dataloader(opt, logger):
+    from nl_plugin import checkpoint
+    result = _ORIGINAL['create_train_val_dataloader'](opt, logger)
+    for message in _REPORTS:
+        logger.warning(message)
+    _REPORTS.clear()
+    checkpoint.apply_pending_resume(result[0], result[1], logger)
+    return result
+
+
+# --- 11. ``model_ema`` averages ``named_parameters()`` only: the EMA copy keeps BatchNorm running statistics
+#         of 0 and 1 and validates / is saved with untrained statistics. Average floating-point buffers with
+#         the same decay (integer ones, e.g. ``num_batches_tracked``, are copied), and under several
+#         processes take rank 0's buffers (DDP broadcasts rank 0's, and rank 0 saves the EMA).
+def model_ema(self, decay=0.999):
+    net_g = self.get_bare_model(self.net_g)
+    ema_params = dict(self.net_g_ema.named_parameters())
+    with torch.no_grad():
+        for name, p in net_g.named_parameters():
+            ema_params[name].mul_(decay).add_(p, alpha=1 - decay)
+        ema_buffers = dict(self.net_g_ema.named_buffers())
+        for name, b in net_g.named_buffers():
+            if torch.is_floating_point(b):
+                ema_buffers[name].mul_(decay).add_(b, alpha=1 - decay)
+            else:
+                ema_buffers[name].copy_(b)
+    broadcast_buffers(self.net_g_ema)
+
+
+def broadcast_buffers(net):
+    """Give every process rank 0's buffers (no-op in a single process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for b in net.buffers():
+            dist.broadcast(b, src=0)
+
+
+# --- 12. ``load_network`` reads ``pretrain_network_g`` with ``torch.load`` without ``weights_only``, which
+#         ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into a full unpickler (a crafted file runs code).
+#         Always ``weights_only=True``, with a one-line error naming the file.
+def load_network(self, net, load_path, strict=True, param_key='params'):
+    from nl_plugin import checkpoint
+    checkpoint.load_network(self, net, load_path, strict, param_key)
+
+
+# --- 13. BasicSR has no switch for deterministic algorithms and sets ``cudnn.benchmark = True`` (which picks
+#         convolution algorithms by timing). ``deterministic: true`` (top level) turns on PyTorch's
+#         deterministic algorithms (warning on ops that have none) and turns cuDNN benchmarking off.
+def _apply_determinism(opt):
+    if not opt.get('deterministic'):
+        return
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# --- 14. ``train_pipeline``/``test_pipeline`` return without destroying the process group: under torchrun a
+#         finished rank then sometimes aborts at interpreter exit (gloo's threads still hold work objects:
+#         "terminate called without an active exception", exit 1). Synchronise and tear it down first.
+def _finish_distributed():
+    import gc
+
+    import torch.distributed as dist
+    gc.collect()  # drop data loader iterators / workers before the group goes
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train_pipeline(root_path):
+    _ORIGINAL['train_pipeline'](root_path)
+    _finish_distributed()
+
+
+def test_pipeline(root_path):
+    _ORIGINAL['test_pipeline'](root_path)
+    _finish_distributed()
 
 
 _ORIGINAL = {}
@@ -217,6 +340,18 @@ def apply():
     bsr_train.load_resume_state = load_resume_state
     _ORIGINAL['make_exp_dirs'] = bsr_train.make_exp_dirs
     bsr_train.make_exp_dirs = bsr_test.make_exp_dirs = make_exp_dirs
+    base_model.BaseModel.save_network = save_network
+    base_model.BaseModel.save_training_state = save_training_state
+    _ORIGINAL['create_train_val_dataloader'] = bsr_train.create_train_val_dataloader
+    bsr_train.create_train_val_dataloader = create_train_val_dataloader
+    from nl_plugin import checkpoint
+    bsr_train.EnlargedSampler = checkpoint.ResumableSampler
+    base_model.BaseModel.model_ema = model_ema
+    base_model.BaseModel.load_network = load_network
+    _ORIGINAL['train_pipeline'] = bsr_train.train_pipeline
+    _ORIGINAL['test_pipeline'] = bsr_test.test_pipeline
+    bsr_train.train_pipeline = train_pipeline
+    bsr_test.test_pipeline = test_pipeline
     registry.Registry.get = registry_get
     basicsr.archs.build_network = build_network
     sr_model.build_network = build_network  # SRModel imported the name directly

@@ -1,114 +1,19 @@
 #!/usr/bin/env python
-"""Pack an image folder into a BasicSR LMDB (``data.mdb``, ``lock.mdb`` and ``meta_info.txt``).
+"""Pack an image folder into a BasicSR LMDB (see :mod:`nl_plugin.data.lmdb_writer`).
 
 Usage: python scripts/create_lmdb.py INPUT_FOLDER OUTPUT.lmdb [--compress-level N] [--gray]
-
-Every image directly inside INPUT_FOLDER is stored PNG-encoded under its name without extension
-(BasicSR's key convention), and ``meta_info.txt`` gets one line ``name.png (h,w,c) compress_level``
-per image. Images may have different sizes: the LMDB map size is computed from all encoded images
-(BasicSR's ``make_lmdb_from_imgs`` guesses it from the first image only). An existing output is never
-overwritten.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
-import cv2
-from tqdm import tqdm
-
-
-
-def _imports():
-    """Import BasicSR through nl_plugin (its compatibility fixes make ``import basicsr`` work); done lazily
-    because importing torch is slow and not needed to print --help or an error."""
-    try:
-        import nl_plugin  # noqa: F401
-    except ImportError:  # run from a checkout without the package installed
-        sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-        import nl_plugin  # noqa: F401
-    from basicsr.utils.lmdb_util import LmdbMaker
-    from nl_plugin.data.data_util import image_files
-    return LmdbMaker, image_files
-
-
-def create_lmdb(input_folder, lmdb_path, compress_level=1, gray=False, progress=True):
-    """Write the images of ``input_folder`` into a new BasicSR LMDB at ``lmdb_path``.
-
-    Args:
-        input_folder (str): folder with the images (not recursive).
-        lmdb_path (str): output, must end with ``.lmdb`` and must not exist.
-        compress_level (int): PNG compression level 0-9 stored in ``meta_info.txt``. Default 1 (BasicSR's).
-        gray (bool): convert colour images to gray (``cv2.COLOR_BGR2GRAY``) before storing.
-        progress (bool): show tqdm progress bars.
-
-    Returns:
-        list[str]: the LMDB keys, in the order written.
-
-    Raises:
-        FileExistsError: ``lmdb_path`` exists. ValueError: bad path/level, no images, a file that cannot be
-        decoded, or names that BasicSR cannot use as keys (non-ASCII, containing '.', duplicated stems).
-    """
-    lmdb_path = str(lmdb_path)
-    if not lmdb_path.endswith('.lmdb'):
-        raise ValueError(f"output {lmdb_path!r} must end with '.lmdb' (BasicSR's LMDB convention)")
-    if osp.exists(lmdb_path):
-        raise FileExistsError(f'output {lmdb_path!r} already exists; not overwriting it (delete it first)')
-    if not osp.isdir(input_folder):
-        raise ValueError(f'input folder {input_folder!r} does not exist or is not a folder')
-    if not (isinstance(compress_level, int) and 0 <= compress_level <= 9):
-        raise ValueError(f'--compress-level must be an integer 0..9, got {compress_level!r}')
-    LmdbMaker, image_files = _imports()
-    names = image_files(input_folder)
-    if not names:
-        raise ValueError(f'no image files in {input_folder!r}')
-
-    keys = []
-    for name in names:
-        key = osp.splitext(name)[0]
-        # BasicSR's paths_from_lmdb keeps what precedes the first '.', and LMDB keys are ASCII-encoded
-        if '.' in key or not key.isascii() or ' ' in key:
-            raise ValueError(f'{osp.join(input_folder, name)!r}: BasicSR LMDB keys must be ASCII without '
-                             f"'.' or spaces; rename the file")
-        keys.append(key)
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise ValueError(f'{input_folder!r}: several files share the name(s) {dup} (different extensions); '
-                         'LMDB keys would collide')
-
-    # pass 1: read and encode everything, to size the map from the real encoded bytes
-    encoded = []
-    for name, key in tqdm(list(zip(names, keys)), desc='encode', unit='img', disable=not progress):
-        path = osp.join(input_folder, name)
-        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise ValueError(f'cannot read image {path!r} (corrupt or not an image file)')
-        if img.ndim == 3 and img.shape[2] == 4:
-            img = img[:, :, :3]
-        if gray and img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-        ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
-        if not ok:
-            raise ValueError(f'cannot PNG-encode image {path!r}')
-        h, w = img.shape[:2]
-        c = 1 if img.ndim == 2 else img.shape[2]
-        encoded.append((key, buf.tobytes(), (h, w, c)))
-
-    total = sum(len(b) for _, b, _ in encoded)
-    # values are stored in overflow pages (4 KiB each) + B-tree pages per key; generous head room
-    map_size = int(total * 1.5) + 16 * 1024 * len(encoded) + 64 * 1024 ** 2
-    os.makedirs(osp.dirname(osp.abspath(lmdb_path)), exist_ok=True)
-    maker = LmdbMaker(lmdb_path, map_size=map_size, compress_level=compress_level)
-    try:
-        for key, data, shape in tqdm(encoded, desc='write', unit='img', disable=not progress):
-            maker.put(data, key, shape)
-    finally:
-        maker.close()
-    return keys
+from nl_plugin.data.lmdb_writer import __doc__ as _LIB_DOC
+from nl_plugin.data.lmdb_writer import create_lmdb
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__ + '\n' + _LIB_DOC,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('input_folder')
     ap.add_argument('output', help='output LMDB folder, ending in .lmdb; must not exist')
     ap.add_argument('--compress-level', type=int, default=1, help='PNG compression level 0-9 (default 1)')
@@ -116,7 +21,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         keys = create_lmdb(args.input_folder, args.output, args.compress_level, args.gray)
-    except (FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # FileExistsError is an OSError
         print(f'create_lmdb: error: {e}', file=sys.stderr)
         return 2
     print(f'Wrote {len(keys)} images to {args.output} (keys listed in {osp.join(args.output, "meta_info.txt")})')

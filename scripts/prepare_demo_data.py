@@ -19,8 +19,6 @@ import sys
 import cv2
 import numpy as np
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-
 #: name -> skimage.data loader (all files ship inside the scikit-image wheel)
 TRAIN = ('coffee', 'chelsea', 'rocket', 'moon', 'brick', 'grass', 'gravel', 'hubble_deep_field',
          'immunohistochemistry', 'retina', 'motorcycle_left', 'motorcycle_right', 'page', 'text', 'clock')
@@ -82,7 +80,7 @@ def prepare_demo_data(out='datasets/demo', progress=True):
             tmp = osp.join(out, f'.{split}.tmp.lmdb')
             if osp.exists(tmp):
                 shutil.rmtree(tmp)
-            from create_lmdb import create_lmdb  # imports torch/BasicSR: only when an LMDB must be written
+            from nl_plugin.data.lmdb_writer import create_lmdb  # imports torch/BasicSR: only when needed
             create_lmdb(folder, tmp, progress=progress)
             os.replace(tmp, lmdb_path)
         paths[split], paths[f'{split}_lmdb'] = folder, lmdb_path

@@ -10,6 +10,7 @@ import socket
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -71,17 +72,24 @@ def test_fix3_ddp_on_cpu_without_device_ids(process_group):
 
 def test_fix4_auto_resume_under_root_path_on_cpu_with_counter(tmp_path, monkeypatch):
     import basicsr.train as bsr_train
+
+    from nl_plugin.archs.dncnn_arch import DnCNN
+    from nl_plugin.weights import save_weights
     assert bsr_train.load_resume_state is compat.load_resume_state
-    states = tmp_path / 'root' / 'experiments' / 'run' / 'training_states'
+    monkeypatch.setattr(compat, '_validate_once', lambda opt: None)  # fix 8 has its own test
+    run = tmp_path / 'root' / 'experiments' / 'run'
+    states, models = run / 'training_states', run / 'models'
     states.mkdir(parents=True)
+    models.mkdir()
     sched = torch.optim.lr_scheduler.MultiStepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1),
                                                  milestones=[3, 5])
     for it in (2, 10):  # 10 > 2 numerically, not as text
-        torch.save({'iter': it, 'epoch': 0, 'schedulers': [sched.state_dict()], 'w': torch.full((2,), float(it))},
-                   str(states / f'{it}.state'))
+        torch.save({'iter': it, 'epoch': 0, 'optimizers': [], 'schedulers': [sched.state_dict()],
+                    'w': torch.full((2,), float(it))}, str(states / f'{it}.state'))
+        save_weights(DnCNN().state_dict(), str(models / f'net_g_{it}.pth'), arch={'type': 'DnCNN'})
     monkeypatch.chdir(tmp_path)  # a working directory without experiments/run
     opt = {'name': 'run', 'auto_resume': True, 'num_gpu': 1, 'network_g': {'type': 'DnCNN'},
-           'path': {'training_states': str(states), 'models': str(tmp_path / 'root' / 'models')}}
+           'path': {'training_states': str(states), 'models': str(models)}}
     state = compat.load_resume_state(opt)
     assert state['iter'] == 10 and opt['path']['resume_state'] == str(states / '10.state')
     assert isinstance(state['schedulers'][0]['milestones'], collections.Counter)
@@ -128,8 +136,17 @@ def test_fix8_bad_option_leaves_existing_experiment_untouched(tmp_path):
     root = tmp_path / 'experiments' / 'run'
     (root / 'models').mkdir(parents=True)
     (root / 'models' / 'net_g_2.pth').write_bytes(b'previous run')
-    opt = {'name': 'run', 'model_type': 'RestorationModel', 'is_train': True, 'datasets': {},
-           'network_g': {'type': 'DnCNN', 'num_feats': 8}, 'train': {},
+    import cv2
+    (tmp_path / 'imgs').mkdir()
+    cv2.imwrite(str(tmp_path / 'imgs' / 'a.png'), np.zeros((16, 16), np.uint8))
+    train_set = {'name': 't', 'type': 'SyntheticNoiseDataset', 'dataroot_gt': str(tmp_path / 'imgs'),
+                 'io_backend': {'type': 'disk'}, 'sigma': 25, 'gt_size': 8, 'batch_size_per_gpu': 1,
+                 'num_worker_per_gpu': 0, 'phase': 'train'}
+    opt = {'name': 'run', 'model_type': 'RestorationModel', 'is_train': True, 'datasets': {'train': train_set},
+           'network_g': {'type': 'DnCNN', 'num_feats': 8},
+           'train': {'total_iter': 2, 'optim_g': {'type': 'Adam', 'lr': 1e-3}, 'scheduler': {'type': 'MultiStepLR',
+                     'milestones': [1]}, 'pixel_opt': {'type': 'SquaredErrorLoss'}},
+           'logger': {'print_freq': 1, 'save_checkpoint_freq': 1},
            'path': {'experiments_root': str(root), 'models': str(root / 'models'), 'log': str(root)}}
     with pytest.raises(KeyError, match='num_feats'):
         compat.make_exp_dirs(opt)

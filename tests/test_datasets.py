@@ -183,7 +183,8 @@ def test_raw_transform_and_noise_maps(photos):
     assert item['lq'].shape == (3, 25, 31)  # noisy raw + [sigma_s, sigma_r] maps
     s_s, s_r = item['sigma'].tolist()
     assert 0.001 <= s_s <= 0.01 and 0.01 <= s_r <= 0.02
-    assert torch.allclose(item['lq'][1], torch.full((25, 31), s_s)) and torch.allclose(item['lq'][2], torch.full((25, 31), s_r))
+    assert torch.allclose(item['lq'][1], torch.full((25, 31), s_s))
+    assert torch.allclose(item['lq'][2], torch.full((25, 31), s_r))
     opt.update(noise_map_mode='key', noise_map_type='std')
     item = SyntheticNoiseDataset(opt)[0]
     assert item['lq'].shape == (1, 25, 31) and item['noise_map'].shape == (1, 25, 31)
@@ -262,11 +263,11 @@ def test_degrade_full_image_matches_offline_protocol(photos):
     item = ds[2]  # c.png 33x45 -> 32x44
     hr = _chw_rgb(_bgr01(photos / 'c.png', 2))
     full_lr = _chw_rgb(imresize(imresize(_bgr01(photos / 'c.png', 2), 0.5), 2))
-    hits = [(t, l) for t in range(0, 17, 2) for l in range(0, 29, 2)
-            if torch.equal(hr[:, t:t + 16, l:l + 16], item['gt'])]
+    hits = [(t, left) for t in range(0, 17, 2) for left in range(0, 29, 2)
+            if torch.equal(hr[:, t:t + 16, left:left + 16], item['gt'])]
     assert len(hits) == 1
-    t, l = hits[0]
-    assert torch.equal(item['lq'], full_lr[:, t:t + 16, l:l + 16])
+    t, left = hits[0]
+    assert torch.equal(item['lq'], full_lr[:, t:t + 16, left:left + 16])
 
 
 # ------------------------------------------------------------------ errors

@@ -7,7 +7,6 @@ from nl_plugin.archs.arch_util import add_first_channels, bicubic_upsample
 from nl_plugin.archs.dncnn_arch import DnCNN
 from nl_plugin.archs.vdsr_arch import VDSR
 
-
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
@@ -54,15 +53,15 @@ def test_add_first_channels_and_bicubic_upsample():
     assert torch.equal(bicubic_upsample(x, 3), F.interpolate(x, scale_factor=3, mode='bicubic', align_corners=False))
 
 
-def test_dncnn_inference_folds_bn_exactly():
+def test_dncnn_inference_folds_bn_exactly(device):
     net = DnCNN(2, 2, num_feat=6, depth=4)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.3)
             m.running_var.uniform_(0.5, 2.0)
             m.bias.data.normal_(0, 0.3)
-    net.eval()
-    x = torch.randn(1, 2, 11, 9)
+    net.eval().to(device)
+    x = torch.randn(1, 2, 11, 9).to(device)
     ref = net(x)  # autograd on: plain conv -> BN
     with torch.no_grad():
         assert torch.allclose(net(x), ref, atol=1e-5)  # BN folded into the conv
@@ -99,6 +98,7 @@ def test_vdsr_counts_upsampling_and_residual():
 def test_registered_in_basicsr_and_mmengine():
     from basicsr.utils.registry import ARCH_REGISTRY
     from mmengine.registry import MODELS
+
     import nl_plugin  # noqa: F401
     for name in ('DnCNN', 'VDSR', 'N3Net', 'N3Block', 'N3SetBlock'):
         assert ARCH_REGISTRY.get(name) is not None

@@ -66,8 +66,8 @@ def naive_knn_paper(alpha, k, t):
 
 def dense_weights(weights, index, n):
     """Scatter (B, L, k, M) weights at ``index`` into dense (B, L, k, N)."""
-    b, l, k, m = weights.shape
-    return weights.new_zeros(b, l, k, n).scatter(3, index.expand(b, l, m)[:, :, None].expand(b, l, k, m), weights)
+    b, q, k, m = weights.shape
+    return weights.new_zeros(b, q, k, n).scatter(3, index.expand(b, q, m)[:, :, None].expand(b, q, k, m), weights)
 
 
 def test_padding_rule():
@@ -250,15 +250,15 @@ def test_patch_temperature_modes():
 
 @pytest.mark.parametrize('size,tile', [((80, 80), None), ((41, 67), (3, 4)), ((120, 95), None),
                                        ((120, 95), (6, 7)), ((12, 130), None)])
-def test_tiled_equals_reference(size, tile):
+def test_tiled_equals_reference(size, tile, device):
     """The linear-time tiled search/aggregation equals the gather-based reference exactly."""
     p, s, win, k, c = 10, 5, 15, 3, 2
-    x = torch.randn(2, c, *size, dtype=D64)
+    x = torch.randn(2, c, *size, dtype=D64).to(device)
     xp, _ = n3.pad_to_patch_grid(x, p, s)
     nh, nw = n3.patch_grid_shape(*xp.shape[-2:], p, s)
     vals = n3.extract_patches(xp, p, s)
-    idx = n3.candidate_index(nh, nw, win)
-    plan = n3.make_tile_plan(nh, nw, win, tile=tile)
+    idx = n3.candidate_index(nh, nw, win).to(device)
+    plan = n3.make_tile_plan(nh, nw, win, tile=tile, device=device)
     dist = n3.patch_sqdist(vals, vals, idx)
     assert torch.allclose(n3.tiled_patch_sqdist(vals, plan), dist, atol=1e-10)
     logits = -dist / 30
@@ -271,13 +271,13 @@ def test_tiled_equals_reference(size, tile):
     assert torch.allclose(out, ref, atol=1e-12)
 
 
-def test_tiled_gradients_equal_reference():
+def test_tiled_gradients_equal_reference(device):
     p, s, win, k, c = 4, 2, 5, 2, 2
-    x = torch.randn(1, c, 15, 13, dtype=D64)
+    x = torch.randn(1, c, 15, 13, dtype=D64).to(device)
     xp, _ = n3.pad_to_patch_grid(x, p, s)
     nh, nw = n3.patch_grid_shape(*xp.shape[-2:], p, s)
-    plan = n3.make_tile_plan(nh, nw, win, tile=(2, 3))
-    idx = n3.candidate_index(nh, nw, win)
+    plan = n3.make_tile_plan(nh, nw, win, tile=(2, 3), device=device)
+    idx = n3.candidate_index(nh, nw, win).to(device)
     vals = n3.extract_patches(xp, p, s).clone().requires_grad_(True)
 
     def tiled(v):
@@ -294,8 +294,8 @@ def test_tiled_gradients_equal_reference():
     g2, = torch.autograd.grad((reference(vals) * gout).sum(), vals)
     assert torch.allclose(g1, g2, atol=1e-10)
     # gradcheck on a smaller grid (3 x 4 patches of 1 x 4 x 4)
-    x = torch.randn(1, 1, 8, 10, dtype=D64)
-    plan = n3.make_tile_plan(3, 4, 3, tile=(2, 3))
+    x = torch.randn(1, 1, 8, 10, dtype=D64).to(device)
+    plan = n3.make_tile_plan(3, 4, 3, tile=(2, 3), device=device)
     vals = n3.extract_patches(x, p, s).clone().requires_grad_(True)
     assert gradcheck(lambda v: n3.tiled_aggregate_fold(-n3.tiled_patch_sqdist(v, plan) / 5, v, plan,
                                                        lambda t: n3.continuous_knn(t, k), p, s, 1), (vals,),
@@ -324,3 +324,23 @@ def test_tile_plan_is_a_typed_immutable_record():
     moved = plan.to('cpu')
     assert moved is not plan and all(torch.equal(getattr(moved, n), getattr(plan, n)) for n in names[8:])
     assert n3.make_tile_plan(20, 23, 15, tile=(6, 7)).query is plan.query  # cached
+
+
+def test_chunk_budget_follows_the_device(monkeypatch):
+    """CPU chunks stay at 2^25 elements; CUDA chunks take 1/16 of the free memory, within [2^25, 2^28]."""
+    from nl_plugin.ops.n3 import tiled
+    assert tiled.chunk_budget(torch.device('cpu')) == 1 << 25
+    for free, expected in ((80 * 2**30, 1 << 28), (4 * 2**30, 1 << 26), (2**30, 1 << 25)):
+        monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device, free=free: (free, 2 * free))
+        tiled.chunk_budget.cache_clear()
+        assert tiled.chunk_budget(torch.device('cuda')) == expected
+    tiled.chunk_budget.cache_clear()
+
+
+def test_tiled_search_is_the_same_for_any_chunking(monkeypatch):
+    from nl_plugin.ops.n3 import tiled
+    vals = torch.randn(2, 19 * 23, 12, dtype=D64)
+    plan = n3.make_tile_plan(19, 23, 7, tile=(3, 4))
+    whole = n3.tiled_patch_sqdist(vals, plan)
+    monkeypatch.setattr(tiled, 'chunk_budget', lambda device: 1)       # one tile a chunk
+    assert torch.equal(n3.tiled_patch_sqdist(vals, plan), whole)

@@ -19,21 +19,21 @@ def count(m):
     return sum(p.numel() for p in m.parameters())
 
 
-def twin(**kw):
+def twin(device='cpu', **kw):
     a = N3Block(**kw).double()
     b = N3Block(impl='reference', **kw).double()
     b.load_state_dict(a.state_dict())
-    return a, b
+    return a.to(device), b.to(device)
 
 
 @pytest.mark.parametrize('size', [(80, 80), (33, 47), (7, 9), (96, 101)])
 @pytest.mark.parametrize('train', [True, False])
-def test_n3block_tiled_equals_reference(size, train):
+def test_n3block_tiled_equals_reference(size, train, device):
     """Sizes: exactly one search region, smaller than it, not multiples of the stride, tiny."""
-    a, b = twin(num_in_ch=2, k=3, embed_feat=8)
+    a, b = twin(device, num_in_ch=2, k=3, embed_feat=8)
     a.train(train)
     b.train(train)
-    x = torch.randn(2, 2, *size, dtype=D64, requires_grad=True)
+    x = torch.randn(2, 2, *size, dtype=D64).to(device).requires_grad_()
     ya, yb = a(x), b(x)
     assert ya.shape == (2, 8, *size)
     assert torch.allclose(ya, yb, atol=1e-10)
@@ -216,6 +216,7 @@ def test_n3net_official_defaults_and_denormal_flag():
 
 def test_n3net_builds_from_mmengine():
     from mmengine.registry import MODELS
+
     import nl_plugin  # noqa: F401
     net = MODELS.build(dict(type='N3Net', num_stages=2, k=3))
     assert isinstance(net, N3Net) and len(net.n3_blocks) == 1 and net.n3_blocks[0].k == 3

@@ -1,9 +1,9 @@
 """NLRN architecture: parameter count, scopes, ablation options, YAML build, a few training steps."""
 import pytest
 import torch
+from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from basicsr.utils.registry import ARCH_REGISTRY
 from nl_plugin.archs.nlrn_arch import NLRN
 from nl_plugin.archs.windowed_nonlocal_arch import CORRELATIONS, WindowedNonLocalBlock
 
@@ -19,8 +19,9 @@ def _counts(net):
     return total - bn, total
 
 
-def _tiny(**kw):
-    args = dict(num_feat=8, num_embed=4, num_steps=3)
+def _tiny(device='cpu', **kw):
+    # img_range 1: the references below work on the interface's scale (scaling: test_training_fidelity.py)
+    args = dict(num_feat=8, num_embed=4, num_steps=3, img_range=1.0)
     args.update(kw)
     net = NLRN(**args).double()
     for blk in net.nonlocal_blocks:   # non-zero g so the non-local path matters
@@ -29,7 +30,7 @@ def _tiny(**kw):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
-    return net.eval()
+    return net.eval().to(device)
 
 
 def test_default_parameter_count_and_init():
@@ -74,25 +75,25 @@ def _official_step_reference(net, x):
     return x + net.conv_last(torch.relu(net.bn_last(s)))
 
 
-def test_global_scope_matches_pseudocode():
-    net = _tiny()
-    x = torch.rand(2, 1, 6, 7, dtype=torch.float64)
+def test_global_scope_matches_pseudocode(device):
+    net = _tiny(device)
+    x = torch.rand(2, 1, 6, 7, dtype=torch.float64).to(device)
     torch.testing.assert_close(net(x), _official_step_reference(net, x))
 
 
-def test_global_weights_run_in_window_scope():
-    net = _tiny()
-    x = torch.rand(1, 1, 9, 8, dtype=torch.float64)
+def test_global_weights_run_in_window_scope(device):
+    net = _tiny(device)
+    x = torch.rand(1, 1, 9, 8, dtype=torch.float64).to(device)
     ref = net(x)
-    win = _tiny(nl_scope='window', window_size=17)   # >= 2x image: equals the global scope
+    win = _tiny(device, nl_scope='window', window_size=17)   # >= 2x image: equals the global scope
     win.load_state_dict(net.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(win(x), ref)
     torch.testing.assert_close(win(x), ref)          # autograd path too
-    small = _tiny(nl_scope='window', window_size=3)
+    small = _tiny(device, nl_scope='window', window_size=3)
     small.load_state_dict(net.state_dict())
     assert not torch.allclose(small(x), ref)          # a real window differs
-    circ = _tiny(nl_scope='window', window_size=3, border='circular')
+    circ = _tiny(device, nl_scope='window', window_size=3, border='circular')
     circ.load_state_dict(net.state_dict())
     assert circ(x).shape == x.shape
 
@@ -100,7 +101,7 @@ def test_global_weights_run_in_window_scope():
 def _dense_window_reference(net, x, window_size):
     """The pseudo-code with an explicit window mask on dense logits (eq. 5-6), embedded Gaussian."""
     from nl_plugin.ops.nlrn_attention import window_mask
-    mask = window_mask(x.shape[2], x.shape[3], window_size)
+    mask = window_mask(x.shape[2], x.shape[3], window_size, device=x.device)
     blk = net.nonlocal_blocks[0]
     s0 = net.conv_first(net.bn_first(x))
     s, logits = s0, None
@@ -116,10 +117,10 @@ def _dense_window_reference(net, x, window_size):
     return x + net.conv_last(torch.relu(net.bn_last(s)))
 
 
-def test_window_scope_single_pass_matches_dense_window_reference():
+def test_window_scope_single_pass_matches_dense_window_reference(device):
     """Window scope == the pseudo-code with an explicit window mask on dense logits (eq. 5-6)."""
-    net = _tiny(nl_scope='window', window_size=5)
-    x = torch.rand(1, 1, 8, 9, dtype=torch.float64)
+    net = _tiny(device, nl_scope='window', window_size=5)
+    x = torch.rand(1, 1, 8, 9, dtype=torch.float64).to(device)
     with torch.no_grad():
         torch.testing.assert_close(net(x), _dense_window_reference(net, x, 5))
 
@@ -213,14 +214,14 @@ def test_stream_only_where_it_applies(monkeypatch):
 
 @pytest.mark.parametrize('correlation', sorted(CORRELATIONS))
 @pytest.mark.parametrize('scope', ['global', 'window'])
-def test_correlations_build_and_run(correlation, scope):
-    net = _tiny(correlation=correlation, nl_scope=scope, window_size=5)
-    x = torch.rand(1, 1, 6, 7, dtype=torch.float64)
+def test_correlations_build_and_run(correlation, scope, device):
+    net = _tiny(device, correlation=correlation, nl_scope=scope, window_size=5)
+    x = torch.rand(1, 1, 6, 7, dtype=torch.float64).to(device)
     y = net(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
-    whole = _tiny(correlation=correlation, nl_scope='window', window_size=13)
+    whole = _tiny(device, correlation=correlation, nl_scope='window', window_size=13)
     whole.load_state_dict(net.state_dict())
-    global_net = _tiny(correlation=correlation)
+    global_net = _tiny(device, correlation=correlation)
     global_net.load_state_dict(net.state_dict())
     torch.testing.assert_close(whole(x), global_net(x))   # a window covering the whole image = global scope
 
@@ -296,4 +297,6 @@ def test_few_adam_steps_lower_denoising_loss():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses
+    # The residual starts near 0 (official scale inside), so the loss starts at the noise variance 0.01.
+    assert losses[0] < 0.012 and all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.97 * losses[0], losses

@@ -4,17 +4,27 @@ import logging
 import pytest
 import torch
 
-from nl_plugin.ops.nlrn_attention import (CorrelationState, Kernel, Layout, dense_attention_reference,
-                                          euclidean_embeddings, global_attention, propagated_attention,
-                                          window_attention, window_attention_rows, window_mask)
-from nl_plugin.ops.nlrn_attention import halo_inference, router
+from nl_plugin.ops.nlrn_attention import (
+    CorrelationState,
+    Kernel,
+    Layout,
+    dense_attention_reference,
+    euclidean_embeddings,
+    global_attention,
+    halo_inference,
+    propagated_attention,
+    router,
+    window_attention,
+    window_attention_rows,
+    window_mask,
+)
 from nl_plugin.ops.nlrn_attention.common import requires_grad, window_geometry
 from nl_plugin.ops.nlrn_attention.halo import halo_attention
 from nl_plugin.ops.nlrn_attention.halo_inference import strips_attention
 
 
-def _qkv(b, h, w, d=3, c=4, grad=False):
-    t = [torch.randn(b, h, w, n, dtype=torch.float64, requires_grad=grad) for n in (d, d, c)]
+def _qkv(b, h, w, d=3, c=4, grad=False, device='cpu'):
+    t = [torch.randn(b, h, w, n, dtype=torch.float64).to(device).requires_grad_(grad) for n in (d, d, c)]
     return t
 
 
@@ -42,10 +52,10 @@ CASES = [  # h, w, window, border, normalization
 
 @pytest.mark.parametrize('h,w,ws,border,norm', CASES)
 @pytest.mark.parametrize('block', [None, 3])
-def test_window_matches_dense_two_steps(h, w, ws, border, norm, block):
-    q, k, v = _qkv(2, h, w)
+def test_window_matches_dense_two_steps(h, w, ws, border, norm, block, device):
+    q, k, v = _qkv(2, h, w, device=device)
     ref, dense_logits = dense_attention_reference(q, k, v, ws, border, norm)
-    q2, k2, _ = _qkv(2, h, w)
+    q2, k2, _ = _qkv(2, h, w, device=device)
     ref2, _ = dense_attention_reference(q2, k2, v, ws, border, norm, prev_logits=dense_logits)
     for grad in (False, True):   # inference path and autograd path
         qq = q.clone().requires_grad_(grad)
@@ -58,13 +68,13 @@ def test_window_matches_dense_two_steps(h, w, ws, border, norm, block):
 
 
 @pytest.mark.parametrize('border,norm', [('exclude', 'softmax'), ('circular', 'softmax'), ('exclude', 'count')])
-def test_inference_groups_reuse_buffers(border, norm, monkeypatch):
+def test_inference_groups_reuse_buffers(border, norm, monkeypatch, device):
     """One block column per group: the key/value strip and weight buffers are reused across the
     left edge, interior columns and the right edge, and must not leak values between groups."""
     monkeypatch.setattr(halo_inference, '_GROUP_BYTES', 1)
-    q, k, v = _qkv(2, 11, 37)
+    q, k, v = _qkv(2, 11, 37, device=device)
     ref, dense_logits = dense_attention_reference(q, k, v, 5, border, norm)
-    q2, k2, _ = _qkv(2, 11, 37)
+    q2, k2, _ = _qkv(2, 11, 37, device=device)
     ref2, _ = dense_attention_reference(q2, k2, v, 5, border, norm, prev_logits=dense_logits)
     with torch.no_grad():
         out, logits = _window(q, k, v, 5, border, norm, return_logits=True, block=3, block_layout=True)
@@ -74,10 +84,10 @@ def test_inference_groups_reuse_buffers(border, norm, monkeypatch):
 
 
 @pytest.mark.parametrize('spread', [0.1, 30.0])
-def test_fp32_inference_with_widely_spread_logits(spread):
+def test_fp32_inference_with_widely_spread_logits(spread, device):
     """fp32 inference raises logits more than 30 below their row's maximum before the softmax (torch's
     fast exp path): same result as the float64 dense reference to fp32 precision, borders included."""
-    q, k, v = _qkv(1, 19, 23, d=8)
+    q, k, v = _qkv(1, 19, 23, d=8, device=device)
     q = q * spread
     ref, ref_logits = dense_attention_reference(q, k, v, 7)
     ref2, _ = dense_attention_reference(q, k, v, 7, prev_logits=ref_logits)
@@ -100,8 +110,8 @@ def test_window_border_excludes_outside_neighbours():
     assert out_c[0, 0, 0, 0].item() == pytest.approx(v[0][idx][:, idx].mean().item())
 
 
-def test_large_window_equals_global():
-    q, k, v = _qkv(2, 6, 5)
+def test_large_window_equals_global(device):
+    q, k, v = _qkv(2, 6, 5, device=device)
     g = global_attention(q, k, v)
     ref, _ = dense_attention_reference(q, k, v, None)
     torch.testing.assert_close(g, ref)
@@ -112,16 +122,16 @@ def test_large_window_equals_global():
     torch.testing.assert_close(window_attention(q, k, v, 13, normalization='count'), gc)
 
 
-def test_global_attention_padding_paths():
+def test_global_attention_padding_paths(device):
     for d, c in ((3, 4), (6, 4), (4, 4)):   # q/k narrower, wider, equal to v
-        q, k, v = _qkv(1, 4, 5, d, c)
+        q, k, v = _qkv(1, 4, 5, d, c, device=device)
         torch.testing.assert_close(global_attention(q, k, v), dense_attention_reference(q, k, v)[0])
 
 
 @pytest.mark.parametrize('border,norm', [('exclude', 'softmax'), ('circular', 'softmax'), ('exclude', 'count')])
-def test_window_gradcheck_with_carried_logits(border, norm):
-    q, k, v = _qkv(1, 3, 4, 2, 2, grad=True)
-    prev = torch.randn(1, 3, 4, 9, dtype=torch.float64, requires_grad=True)
+def test_window_gradcheck_with_carried_logits(border, norm, device):
+    q, k, v = _qkv(1, 3, 4, 2, 2, grad=True, device=device)
+    prev = torch.randn(1, 3, 4, 9, dtype=torch.float64).to(device).requires_grad_()
 
     def fn(q, k, v, prev):
         out, logits = _window(q, k, v, 3, border, norm, prev_logits=prev, return_logits=True, block=2)
@@ -130,16 +140,16 @@ def test_window_gradcheck_with_carried_logits(border, norm):
     assert torch.autograd.gradcheck(fn, (q, k, v, prev), fast_mode=True)
 
 
-def test_window_gradcheck_small_image_and_global():
-    q, k, v = _qkv(1, 3, 4, 2, 2, grad=True)
+def test_window_gradcheck_small_image_and_global(device):
+    q, k, v = _qkv(1, 3, 4, 2, 2, grad=True, device=device)
     assert torch.autograd.gradcheck(lambda *a: window_attention(*a, 7), (q, k, v), fast_mode=True)
     assert torch.autograd.gradcheck(lambda *a: global_attention(*a), (q, k, v))
     assert torch.autograd.gradcheck(lambda *a: global_attention(*a, 'count'), (q, k, v))
 
 
-def test_window_gradients_match_dense():
-    q, k, v = _qkv(2, 9, 8, 3, 4, grad=True)
-    w = torch.randn(2, 9, 8, 4, dtype=torch.float64)
+def test_window_gradients_match_dense(device):
+    q, k, v = _qkv(2, 9, 8, 3, 4, grad=True, device=device)
+    w = torch.randn(2, 9, 8, 4, dtype=torch.float64).to(device)
     grads = []
     for fn in (lambda: _window(q, k, v, 5, block=4),
                lambda: dense_attention_reference(q, k, v, 5)[0]):
@@ -153,29 +163,33 @@ def test_window_gradients_match_dense():
 
 @pytest.mark.parametrize('ws', [None, 5])
 @pytest.mark.parametrize('store', [True, False])
-def test_propagated_attention_three_steps(ws, store, monkeypatch):
+def test_propagated_attention_three_steps(ws, store, monkeypatch, device):
     """Carried logits and concatenated embeddings both reproduce the running logit sum (eq. 6).
-    Window logits are carried while they fit in the available memory, else the embeddings."""
+    Window logits are carried while they fit in the available memory, else the embeddings; on CUDA
+    the window scope runs FlexAttention, which carries the embeddings in its token order."""
     if not store:
         monkeypatch.setattr(router, '_available_memory_bytes', lambda device: 0)
-    v = torch.randn(1, 7, 8, 4, dtype=torch.float64)
+    v = torch.randn(1, 7, 8, 4, dtype=torch.float64).to(device)
     state, dense = None, None
     for _ in range(3):
-        q, k, _ = _qkv(1, 7, 8)
+        q, k, _ = _qkv(1, 7, 8, device=device)
         out, state = propagated_attention(q, k, v, state, ws)
         ref, dense = dense_attention_reference(q, k, v, ws, prev_logits=dense)
         torch.testing.assert_close(out, ref)
     assert isinstance(state, CorrelationState)
-    assert (state.logits is not None) == (store and ws is not None)
-    assert state.layout is (Layout.BLOCKS if store and ws is not None else Layout.EMBEDDINGS)
+    if device.type == 'cuda' and ws is not None:
+        assert state.layout is Layout.TOKENS
+    else:
+        assert (state.logits is not None) == (store and ws is not None)
+        assert state.layout is (Layout.BLOCKS if store and ws is not None else Layout.EMBEDDINGS)
     out, none = propagated_attention(q, k, v, None, ws, propagate=False)
     assert none is None
 
 
-def test_euclidean_embeddings_give_distance_softmax():
-    x = torch.randn(1, 4, 5, 3, dtype=torch.float64)
+def test_euclidean_embeddings_give_distance_softmax(device):
+    x = torch.randn(1, 4, 5, 3, dtype=torch.float64).to(device)
     q, k = euclidean_embeddings(x)
-    v = torch.randn(1, 4, 5, 2, dtype=torch.float64)
+    v = torch.randn(1, 4, 5, 2, dtype=torch.float64).to(device)
     xf = x.reshape(20, 3)
     attn = torch.softmax(-torch.cdist(xf, xf) ** 2, -1)
     torch.testing.assert_close(global_attention(q, k, v).reshape(20, 2), attn @ v.reshape(20, 2))
@@ -200,13 +214,13 @@ def test_mask_and_errors():
 @pytest.mark.parametrize('h,w,ws,norm', [(21, 9, 5, 'softmax'), (17, 12, 7, 'count'), (19, 6, 9, 'softmax'),
                                          (6, 11, 45, 'softmax'), (26, 41, 5, 'softmax'), (26, 30, 5, 'count')])
 @pytest.mark.parametrize('blocks_per_matmul', [None, 2])
-def test_window_rows_in_bands_match_dense_two_steps(h, w, ws, norm, blocks_per_matmul, monkeypatch):
+def test_window_rows_in_bands_match_dense_two_steps(h, w, ws, norm, blocks_per_matmul, monkeypatch, device):
     """Bands of 8 query rows with only the key rows their windows reach == the whole image, carried logits too.
     A band's blocks are batched into matmuls (all of them, or 2 at a time: edge and interior batches)."""
     if blocks_per_matmul:   # halo logits of one 8x8 query block: 64 x (8 + 2r)^2 float64
         monkeypatch.setattr(halo_inference, '_GROUP_BYTES', blocks_per_matmul * 64 * (8 + ws - 1)**2 * 8)
-    q, k, v = _qkv(2, h, w)
-    q2, k2, _ = _qkv(2, h, w)
+    q, k, v = _qkv(2, h, w, device=device)
+    q2, k2, _ = _qkv(2, h, w, device=device)
     ref, dense_logits = dense_attention_reference(q, k, v, ws, 'exclude', norm)
     ref2, _ = dense_attention_reference(q2, k2, v, ws, 'exclude', norm, prev_logits=dense_logits)
     py = min(ws // 2, h - 1)
@@ -234,7 +248,7 @@ def test_window_rows_rejects_bad_calls():
 
 
 @pytest.mark.parametrize('window_size', [7, None])
-def test_small_image_training_carries_dense_logits(window_size, monkeypatch):
+def test_small_image_training_carries_dense_logits(window_size, monkeypatch, device):
     """With autograd on a small image, propagated steps carry dense (B, N, N) logits (no fused
     kernel, whose embeddings would grow every step) and equal the dense reference in value and
     gradient; without propagation each window step is one fused masked attention."""
@@ -243,7 +257,7 @@ def test_small_image_training_carries_dense_logits(window_size, monkeypatch):
     calls = []
     orig = F.scaled_dot_product_attention
     monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(k) or orig(*a, **k))
-    steps = [_qkv(2, 9, 11, grad=True) for _ in range(3)]
+    steps = [_qkv(2, 9, 11, grad=True, device=device) for _ in range(3)]
     state, logits, outs, refs = None, None, [], []
     for q, k, v in steps:
         out, state = propagated_attention(q, k, v, state, window_size=window_size)

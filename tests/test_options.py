@@ -14,7 +14,7 @@ import yaml
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
 
 from conftest import ROOT
-from nl_plugin.compat import check_kwargs
+from nl_plugin.config_checks import check_kwargs
 
 OPTION_FILES = sorted(glob.glob(os.path.join(ROOT, 'options', '*.yml')))
 
@@ -32,7 +32,8 @@ def test_option_files_exist():
     names = {os.path.basename(p) for p in OPTION_FILES}
     for required in ('train_nlrn_denoise.yml', 'train_nlrn_sr.yml', 'train_n3net_denoise.yml', 'train_n3net_sr.yml',
                      'train_n3net_realnoise.yml', 'train_dncnn_denoise.yml', 'test_nlrn_denoise.yml',
-                     'test_nlrn_sr.yml', 'test_n3net_denoise.yml', 'demo_train.yml', 'demo_test.yml'):
+                     'test_nlrn_sr.yml', 'test_n3net_denoise.yml', 'demo_train_dncnn.yml', 'demo_test_dncnn.yml',
+                     'demo_train_n3net.yml', 'demo_test_n3net.yml', 'demo_train_nlrn.yml', 'demo_test_nlrn.yml'):
         assert required in names
 
 
@@ -40,7 +41,9 @@ def test_option_files_exist():
 def test_option_file_is_valid(path, standin):
     with open(path) as f:
         opt = yaml.safe_load(f)
-    opt['is_train'] = os.path.basename(path).startswith(('train_', 'demo_train'))
+    name = os.path.basename(path)
+    opt['is_train'] = name.startswith(('train_', 'demo_train')) or (name.startswith('gpu_check_') and
+                                                                     not name.endswith('_test.yml'))
     model_cls = MODEL_REGISTRY.get(opt['model_type'])
     model_cls.validate_options(opt)
     net_opt = copy.deepcopy(opt['network_g'])

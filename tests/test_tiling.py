@@ -18,9 +18,9 @@ def test_tile_starts_cover_and_last_flush():
         tile_starts(10, 4, 0)
 
 
-def test_tiled_equals_untiled_for_pointwise_conv_net():
-    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1)).double()
-    x = torch.randn(2, 3, 37, 29, dtype=torch.float64)
+def test_tiled_equals_untiled_for_pointwise_conv_net(device):
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1)).double().to(device)
+    x = torch.randn(2, 3, 37, 29, dtype=torch.float64).to(device)
     for kwargs in (dict(stride=7), dict(overlap=5), dict(overlap=0)):
         y = tiled_forward(net, x, 11, tile_batch=4, **kwargs)
         torch.testing.assert_close(y, net(x), rtol=0, atol=1e-12)
@@ -69,9 +69,9 @@ def _explicit_transforms():
     return pairs
 
 
-def test_self_ensemble_equals_mean_of_eight_transformed_outputs():
-    net = nn.Conv2d(1, 1, 3, padding=1, bias=True).double()  # not rotation-equivariant
-    x = torch.randn(1, 1, 7, 9, dtype=torch.float64)
+def test_self_ensemble_equals_mean_of_eight_transformed_outputs(device):
+    net = nn.Conv2d(1, 1, 3, padding=1, bias=True).double().to(device)  # not rotation-equivariant
+    x = torch.randn(1, 1, 7, 9, dtype=torch.float64).to(device)
     expected = sum(inv(net(fwd(x))) for fwd, inv in _explicit_transforms()) / 8
     with torch.no_grad():
         torch.testing.assert_close(self_ensemble(net, x), expected.detach())

@@ -1,8 +1,7 @@
 """DnCNN (Zhang et al., TIP 2017), also the CNN stage of N3Net (Plötz & Roth, NeurIPS 2018)."""
 import torch
-from torch import nn as nn
-
 from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn as nn
 
 from .arch_util import add_first_channels, dncnn_init_, run_sequential
 

@@ -13,9 +13,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn as nn
-
 from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn as nn
 
 from nl_plugin.ops import n3 as n3ops
 from nl_plugin.ops.amp import accum_dtype, to_accum

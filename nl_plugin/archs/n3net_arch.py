@@ -1,8 +1,7 @@
 """N3Net (Plötz & Roth, NeurIPS 2018): CNN stages interleaved with neural nearest neighbours blocks."""
 import torch
-from torch import nn as nn
-
 from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn as nn
 
 from nl_plugin.utils import renamed_options
 

@@ -6,6 +6,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
+from nl_plugin.archs.nlrn_layout import attach_range_marker
 from nl_plugin.archs.nlrn_stream import stream_forward
 from nl_plugin.archs.windowed_nonlocal_arch import WindowedNonLocalBlock
 from nl_plugin.ops.nlrn_attention import CorrelationState
@@ -88,7 +89,10 @@ class NLRN(nn.Module):
     every step has its own three BatchNorms (eps 1e-3, momentum 0.01 = TF 0.99). The default
     network has 330,625 parameters outside BatchNorm (340,099 trainable in all).
 
-    Tensors are in [0, 1]. For SR feed the bicubic-upsampled Y channel (``num_in_ch=1``); the
+    Tensors are in [0, 1]. Inside, the input is multiplied by ``img_range`` and the output divided by
+    it (BasicSR's EDSR convention), so that the parameters, the BN epsilons, the loss gradients and
+    their clipping are at the official 0..255 scale: trained from scratch, the network starts and
+    moves as the official one. For SR feed the bicubic-upsampled Y channel (``num_in_ch=1``); the
     network is the same. Window-scope inference on large images is streamed in bands of rows
     (``nlrn_stream``), with the same result; ``router.route_network`` decides.
 
@@ -109,13 +113,18 @@ class NLRN(nn.Module):
         propagate_correlation (bool): Carry the correlation across steps (eq. 6). Default: True.
         bn_eps (float): BatchNorm epsilon. Default: 1e-3.
         bn_momentum (float): BatchNorm momentum (PyTorch convention). Default: 0.01.
+        img_range (float): Pixel range the network works at inside (official: 255). Saved with the
+            weights; a state dict of another range is converted on load (``nlrn_layout``). Default: 255.
     """
 
     def __init__(self, num_in_ch: int = 1, num_out_ch: int = 1, num_feat: int = 128, num_embed: int = 64,
                  num_steps: int = 12, nl_scope: str = 'global', window_size: int = 45, border: str = 'exclude',
                  correlation: str = 'embedded_gaussian', share_weights: bool = True, nonlocal_every: int = 1,
-                 propagate_correlation: bool = True, bn_eps: float = 1e-3, bn_momentum: float = 0.01):
+                 propagate_correlation: bool = True, bn_eps: float = 1e-3, bn_momentum: float = 0.01,
+                 img_range: float = 255.0):
         super().__init__()
+        if not float(img_range) > 0:
+            raise ValueError(f'img_range must be > 0, got {img_range!r}')
         if num_out_ch != num_in_ch:
             raise ValueError(f'NLRN predicts a residual: num_out_ch ({num_out_ch}) must equal num_in_ch ({num_in_ch})')
         if not isinstance(num_steps, int) or num_steps < 1:
@@ -123,6 +132,10 @@ class NLRN(nn.Module):
         if not isinstance(nonlocal_every, int) or nonlocal_every < 1:
             raise ValueError(f'nonlocal_every must be a positive int, got {nonlocal_every!r}')
         self.num_in_ch, self.num_steps, self.nonlocal_every = num_in_ch, num_steps, nonlocal_every
+        self.img_range = float(img_range)
+        #: Window-scope inference on large images may run in bands of rows (same result, less memory). Set
+        #: False to run every step on the whole image, e.g. to capture per-step activations with hooks.
+        self.stream_inference = True
         self.propagate_correlation = propagate_correlation
         self.nl_steps = [t for t in range(num_steps) if t % nonlocal_every == 0]
 
@@ -147,6 +160,7 @@ class NLRN(nn.Module):
         self.bn_last = bn(num_feat)
         self.conv_last = conv3(num_feat, num_out_ch)
         self.reset_parameters()
+        attach_range_marker(self, self.img_range)
 
     def reset_parameters(self) -> None:
         """Xavier-uniform 3x3 kernels and zero biases (TF defaults); the non-local blocks init themselves."""
@@ -177,12 +191,14 @@ class NLRN(nn.Module):
         """
         if x.dim() != 4 or x.shape[1] != self.num_in_ch:
             raise ValueError(f'NLRN expects input of shape (B, {self.num_in_ch}, H, W), got {tuple(x.shape)}')
+        x = x * self.img_range      # official pixel scale inside; every path below works on it
         lean = not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
         blk = self.nonlocal_blocks[0]
         path = route_network(grad=not lean, training=self.training, window_size=blk.attention_window,
-                             border=blk.border, height=x.shape[2], width=x.shape[3], device=x.device)
+                             border=blk.border, height=x.shape[2], width=x.shape[3], device=x.device,
+                             allow_bands=self.stream_inference)
         if path is Kernel.BANDS:
-            return stream_forward(self, x)
+            return stream_forward(self, x) / self.img_range
         s0 = self.stem(x)
         s, state = s0, None
         for step in self.steps():
@@ -190,4 +206,4 @@ class NLRN(nn.Module):
             del s      # s and z are dropped as early as possible: a step peaks at the attention
             s, state = step.update(z, s0, state, self.propagate_correlation, inplace=lean)
             del z
-        return self.head(x, s)
+        return self.head(x, s) / self.img_range

@@ -265,7 +265,7 @@ def stream_forward(net, x: torch.Tensor) -> torch.Tensor:
 
     Args:
         net (NLRN): The network.
-        x (Tensor): (B, num_in_ch, H, W) in [0, 1].
+        x (Tensor): (B, num_in_ch, H, W) at the network's ``img_range`` scale.
 
     Returns:
         Tensor: (B, num_in_ch, H, W), the same as ``net.forward`` on the whole image.

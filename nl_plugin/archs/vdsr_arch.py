@@ -2,9 +2,8 @@
 import math
 
 import torch
-from torch import nn as nn
-
 from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn as nn
 
 from .arch_util import add_first_channels, bicubic_upsample
 

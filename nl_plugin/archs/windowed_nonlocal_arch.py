@@ -6,8 +6,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-from nl_plugin.ops.nlrn_attention import (CorrelationState, check_window_args, euclidean_embeddings,
-                                          propagated_attention)
+from nl_plugin.ops.nlrn_attention import CorrelationState, check_window_args, euclidean_embeddings, propagated_attention
 
 # Paper Table 1 correlation functions -> (embedding used for query/key, normalisation).
 CORRELATIONS = {

@@ -27,6 +27,29 @@ def under_autocast(build, dtype_name='bf16'):
         return spec
     return wrapped
 
+
+def case_injection(blocks):
+    """``options/train_edsr_n3.yml``'s network (EDSR x2, 16 blocks of 64 features) on 481x321 with only the
+    inserted blocks at ``blocks`` (indices into its list; () = the EDSR base alone), eval, no autograd."""
+    def build(device, quick):
+        import os
+
+        import torch
+        import yaml
+        from basicsr.archs import build_network
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(os.path.join(root, 'options', 'train_edsr_n3.yml')) as f:
+            opt = yaml.safe_load(f)['network_g']
+        opt = dict(opt, blocks=[opt['blocks'][i] for i in blocks], base_pretrained=None)
+        net = build_network(opt).to(device).eval()
+        torch.set_grad_enabled(False)
+        h, w = (321, 481) if not quick else (80, 120)
+        x = image(h, w, device, c=3)
+        return {'fn': lambda: (net(x), sync(device)), 'warmup': lambda: net(image(64, 64, device, c=3)),
+                'note': ', '.join(f"{b['type']} after {b['after']}" for b in opt['blocks']) or 'base'}
+    return build
+
+
 def case_matmul(device, quick):
     import torch
     n = 1024 if quick else 2048
@@ -36,6 +59,7 @@ def case_matmul(device, quick):
 
 def _nlrn(device, **kw):
     import torch
+
     from nl_plugin.archs.nlrn_arch import NLRN
     net = NLRN(**kw).to(device).eval()
     torch.set_grad_enabled(False)
@@ -43,12 +67,15 @@ def _nlrn(device, **kw):
 
 
 def case_nlrn_window(size):
+    """NLRN window scope on one image (its bf16 twin: :func:`under_autocast`)."""
     def build(device, quick):
         h, w = (size if not quick else (size[0] // 4, size[1] // 4))
         net = _nlrn(device, nl_scope='window', window_size=45)
         x = image(h, w, device)
-        small = image(64, 64, device)
-        return {'fn': lambda: (net(x), sync(device)), 'warmup': lambda: net(small)}
+
+        # On CUDA the warm-up is the full image: it compiles the FlexAttention kernels for this size.
+        warm = x if device == 'cuda' else image(64, 64, device)
+        return {'fn': lambda: (net(x), sync(device)), 'warmup': lambda: (net(warm), sync(device))}
     return build
 
 
@@ -73,6 +100,7 @@ def case_nlrn_tiled(size):
 def case_n3net(size):
     def build(device, quick):
         import torch
+
         from nl_plugin.archs.n3net_arch import N3Net
         h, w = (size if not quick else (size[0] // 4, size[1] // 4))
         net = N3Net().to(device).eval()
@@ -87,8 +115,9 @@ def case_train_iter(kind, dtype_name=None):
     Adam step outside it, fp32 master weights, as RestorationModel does)."""
     def build(device, quick):
         import torch
-        import nl_plugin  # noqa: F401  (compat fixes before BasicSR's subpackages load)
         from basicsr.losses import build_loss
+
+        import nl_plugin  # noqa: F401  (compat fixes before BasicSR's subpackages load)
         if kind == 'nlrn':
             from nl_plugin.archs.nlrn_arch import NLRN
             net, shape = NLRN(nl_scope='global'), (16, 1, 43, 43)
@@ -128,6 +157,10 @@ CASES = {
     'n3net_1024x768': ('N3Net (official denoiser), 1024x768', case_n3net((768, 1024))),
     'train_iter_nlrn': ('NLRN training iteration (batch 16, 43x43)', case_train_iter('nlrn')),
     'train_iter_n3net': ('N3Net training iteration (batch 32, 80x80)', case_train_iter('n3net')),
+    'inject_edsr_base_481x321': ('EDSR x2 (base of train_edsr_n3.yml), 481x321 input', case_injection(())),
+    'inject_edsr_n3_481x321': ('EDSR x2 + its inserted N3Block, 481x321 input', case_injection((0, ))),
+    'inject_edsr_window_481x321': ('EDSR x2 + its inserted window-scope non-local block, 481x321 input',
+                                   case_injection((1, ))),
 }
 
 

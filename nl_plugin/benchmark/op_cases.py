@@ -54,7 +54,33 @@ def train_size(impl, window_size=None):
             out.sum().backward()
             sync(device)
         n = 43 * 43
-        return {'fn': step, 'flops': 3 * 2 * b * n * n * (64 + 128), 'note': f'batch {b}, fwd+bwd, dense-equivalent flops'}
+        return {'fn': step, 'flops': 3 * 2 * b * n * n * (64 + 128),
+                'note': f'batch {b}, fwd+bwd, dense-equivalent flops'}
+    return build
+
+
+def train_propagated(impl, window_size=None, steps=12):
+    """What NLRN runs at its training size: ``steps`` non-local steps with correlation propagation
+    (batch 16 of 43x43, 64/128 ch), forward + backward through all of them; 'fast' is the routed
+    ``propagated_attention`` (the kernel NLRN's forward uses), 'dense' the reference carrying dense logits."""
+    def build(device, quick):
+        from nl_plugin.ops import nlrn_attention as wa
+        b, t = (16, steps) if not quick else (4, 3)
+        qkv = [_qkv(b, 43, 43, 64, 128, device, grad=True) for _ in range(t)]
+
+        def run():
+            out, state, logits = 0, None, None
+            for q, k, v in qkv:
+                if impl == 'dense':
+                    o, logits = wa.dense_attention_reference(q, k, v, window_size, prev_logits=logits)
+                else:
+                    o, state = wa.propagated_attention(q, k, v, state, window_size=window_size)
+                out = out + o.sum()
+            out.backward()
+            sync(device)
+        n = 43 * 43
+        return {'fn': run, 'flops': t * 3 * 2 * b * n * n * (64 + 128),
+                'note': f'batch {b}, {t} steps, fwd+bwd, dense-equivalent flops'}
     return build
 
 
@@ -81,6 +107,10 @@ OP_CASES = {
                                  train_size('fast', 45)),
     'op_train_win_dense_fwdbwd': ('window attention q=45, dense masked reference, batch 16 of 43x43, fwd+bwd',
                                   train_size('dense', 45)),
+    'op_train_nlrn_fwdbwd': ('NLRN training-size attention as NLRN runs it: 12 propagated steps (routed), '
+                             'global scope, batch 16 of 43x43, fwd+bwd', train_propagated('fast')),
+    'op_train_nlrn_dense_fwdbwd': ('the same 12 propagated steps, dense reference, fwd+bwd',
+                                   train_propagated('dense')),
     'op_n3block_fast_481x321': ('N3 block (tiled, linear in area), 481x321', n3block('fast')),
     'op_n3block_ref_481x321': ('N3 block, gather-all-candidates reference, 481x321', n3block('reference')),
 }

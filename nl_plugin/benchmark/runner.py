@@ -119,11 +119,20 @@ def ratios(results):
     add('training-size attention: dense reference / fast, time', 'op_train_dense_fwdbwd', 'op_train_fast_fwdbwd')
     add('training-size attention: dense reference / fast, memory added by the run',
         'op_train_dense_fwdbwd', 'op_train_fast_fwdbwd', 'extra_mem_gb')
+    add('NLRN training-size attention, 12 propagated steps: dense reference / routed, time',
+        'op_train_nlrn_dense_fwdbwd', 'op_train_nlrn_fwdbwd')
+    add('NLRN training-size attention, 12 propagated steps: dense reference / routed, memory added by the run',
+        'op_train_nlrn_dense_fwdbwd', 'op_train_nlrn_fwdbwd', 'extra_mem_gb')
     add('training-size window attention (q=45): dense / fast, time', 'op_train_win_dense_fwdbwd',
         'op_train_win_fast_fwdbwd')
     add('training-size window attention (q=45): dense / fast, memory added by the run',
         'op_train_win_dense_fwdbwd', 'op_train_win_fast_fwdbwd', 'extra_mem_gb')
     add('NLRN window 1024x768 / 481x321, peak memory', 'nlrn_window_1024x768', 'nlrn_window_481x321', 'peak_mem_gb')
+    for block in ('n3', 'window'):
+        add(f'EDSR + inserted {block} block / EDSR, time (481x321)', f'inject_edsr_{block}_481x321',
+            'inject_edsr_base_481x321')
+        add(f'EDSR + inserted {block} block / EDSR, memory added by the run', f'inject_edsr_{block}_481x321',
+            'inject_edsr_base_481x321', 'extra_mem_gb')
     add('N3 block: reference / fast, time (481x321)', 'op_n3block_ref_481x321', 'op_n3block_fast_481x321')
     add('N3 block: reference / fast, memory added by the run', 'op_n3block_ref_481x321',
         'op_n3block_fast_481x321', 'extra_mem_gb')
@@ -163,7 +172,8 @@ def print_table(results, meta):
             continue
         gf = f"{r['gflops']:.1f}" if r.get('gflops') else ''
         extra = f"{r['extra_mem_gb']:.2f}" if 'extra_mem_gb' in r else ''
-        print(f"{r['case']:<26}{r['median_s']:>10.3f}{r['runs']:>6}{r['peak_mem_gb']:>9.2f}{extra:>7}{gf:>9}  {r['note']}")
+        print(f"{r['case']:<26}{r['median_s']:>10.3f}{r['runs']:>6}{r['peak_mem_gb']:>9.2f}{extra:>7}{gf:>9}"
+              f"  {r['note']}")
     rs = ratios(results)
     if rs:
         print('\nratios (same run)')

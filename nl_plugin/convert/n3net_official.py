@@ -22,6 +22,7 @@ from collections import OrderedDict
 import torch
 
 from nl_plugin.archs.n3net_arch import N3Net
+from nl_plugin.weights import save_weights
 
 _RULES = [
     (re.compile(r'^blocks\.(\d+)\.conv1\.(weight|bias)$'), r'stages.\1.conv_first.\2'),
@@ -88,7 +89,8 @@ def convert_state_dict(official: dict[str, torch.Tensor]) -> OrderedDict[str, to
 
 
 def convert_file(checkpoint: str, output: str, verify: bool = True) -> OrderedDict[str, torch.Tensor]:
-    """Read ``checkpoint``, convert it and save ``{'params': state_dict}`` to ``output``.
+    """Read ``checkpoint``, convert it and save it to ``output`` as a weight file that names its architecture
+    (``{'params': state_dict, 'arch': {'type': 'N3Net'}}``, or safetensors by the file's extension).
 
     Args:
         checkpoint (str): The official checkpoint (see :func:`load_official_checkpoint`).
@@ -101,5 +103,5 @@ def convert_file(checkpoint: str, output: str, verify: bool = True) -> OrderedDi
     params = convert_state_dict(load_official_checkpoint(checkpoint))
     if verify:
         N3Net().load_state_dict(params, strict=True)
-    torch.save({'params': params}, output)
+    save_weights(params, output, arch={'type': 'N3Net'})
     return params

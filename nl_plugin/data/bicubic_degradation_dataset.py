@@ -14,8 +14,16 @@ from basicsr.utils.matlab_functions import imresize
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 
-from nl_plugin.data.data_util import (ImageSource, check_min_size, check_option_keys, check_phase,
-                                      check_positive_int, convert_color, name_seed, parse_color)
+from nl_plugin.data.data_util import (
+    ImageSource,
+    check_min_size,
+    check_option_keys,
+    check_phase,
+    check_positive_int,
+    convert_color,
+    name_seed,
+    parse_color,
+)
 
 _KEYS = {
     'dataroot_gt', 'io_backend', 'meta_info_file', 'color', 'in_ch', 'num_ch', 'y_only',
@@ -184,7 +192,8 @@ class BicubicDegradationDataset(data.Dataset):
             lr = self.degrade(hr, scale)
             if size is not None:
                 h, w = hr.shape[:2]
-                top, left = scale * random.randint(0, (h - size) // scale), scale * random.randint(0, (w - size) // scale)
+                top = scale * random.randint(0, (h - size) // scale)
+                left = scale * random.randint(0, (w - size) // scale)
                 hr = hr[top:top + size, left:left + size]
                 f = 1 if self.upsample else scale
                 lr = lr[top // f:(top + size) // f, left // f:(left + size) // f]

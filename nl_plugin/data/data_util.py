@@ -8,12 +8,15 @@ offending file or option key, option-key validation, and seeds derived from imag
 import difflib
 import os
 import os.path as osp
+import re
 import zlib
 
 import cv2
 import numpy as np
 from basicsr.data.data_util import paths_from_folder, paths_from_lmdb
 from basicsr.utils import FileClient, bgr2ycbcr, imfrombytes
+
+from nl_plugin.data.lmdb_guard import lmdb_get, open_lmdb
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.ppm', '.pgm', '.webp')
 
@@ -57,10 +60,10 @@ def check_phase(opt, dataset_type):
     return phase
 
 
-def as_range(value, key, dataset_type, low=0.0, allow_scalar=True):
+def as_range(value, key, dataset_type, low=0.0, allow_scalar=True, high=None):
     """Parse a number or a ``[lo, hi]`` pair into ``(lo, hi)`` (``lo == hi`` for a number).
 
-    Raises ``ValueError`` naming ``key`` for a malformed pair, ``lo > hi`` or a value below ``low``.
+    Raises ``ValueError`` naming ``key`` for a malformed pair, ``lo > hi`` or a value outside [low, high].
     """
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
@@ -78,6 +81,8 @@ def as_range(value, key, dataset_type, low=0.0, allow_scalar=True):
         raise ValueError(f'{dataset_type}: {key} must be finite, got {value!r}')
     if lo < low or hi < low:
         raise ValueError(f'{dataset_type}: {key} must be >= {low}, got {value!r}')
+    if high is not None and (lo > high or hi > high):
+        raise ValueError(f'{dataset_type}: {key} must be <= {high}, got {value!r}')
     if lo > hi:
         raise ValueError(f'{dataset_type}: {key} range must satisfy lo <= hi, got {value!r}')
     return lo, hi
@@ -188,7 +193,9 @@ class ImageSource:
         if not self.paths:
             raise ValueError(f'{dataset_type}: no images found in dataroot_gt {self.root!r}'
                              + (f' (meta_info_file {meta!r})' if meta else ''))
-        self._client = None  # opened lazily on the first read (never pickled: see __getstate__)
+        self._client = None  # never pickled (see __getstate__)
+        if self.backend == 'lmdb':
+            self._get_client()  # a missing, empty or truncated LMDB fails here, naming it
 
     def __len__(self):
         return len(self.paths)
@@ -203,7 +210,7 @@ class ImageSource:
             if self.backend == 'lmdb':
                 key = (osp.realpath(self.root), tuple(sorted((k, repr(v)) for k, v in self._io_kwargs.items())))
                 if key not in _LMDB_CLIENTS:
-                    _LMDB_CLIENTS[key] = FileClient('lmdb', **self._io_kwargs)
+                    _LMDB_CLIENTS[key] = open_lmdb(self.root, self._io_kwargs, self.dataset_type)
                 self._client = _LMDB_CLIENTS[key]
             else:
                 self._client = FileClient('disk')
@@ -226,10 +233,51 @@ class ImageSource:
                 raise FileNotFoundError(f'{self.dataset_type}: image file {str(path)!r} does not exist')
             content = client.get(path)
         else:
-            content = client.get(path, 'gt')
+            content = lmdb_get(client, path, self.root, self.dataset_type)
             if content is None:
                 raise FileNotFoundError(f'{self.dataset_type}: key {path!r} is missing from LMDB {self.root!r}')
         return decode_image(content, self.describe(path), self.dataset_type)
+
+    def image_sizes(self):
+        """(h, w) of every image without decoding it (LMDB: its ``meta_info.txt``; disk: the file header).
+
+        None where the size is unknown (unreadable header, image missing from ``meta_info.txt``).
+        """
+        if self.backend == 'lmdb':
+            shapes = {}
+            with open(osp.join(self.root, 'meta_info.txt')) as f:
+                for line in f:
+                    m = re.match(r'\s*([^\s.]+)\S*\s+\((\d+),\s*(\d+)', line)
+                    if m:
+                        shapes[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+            return [shapes.get(str(p)) for p in self.paths]
+        from PIL import Image
+        sizes = []
+        for p in self.paths:
+            try:
+                with Image.open(p) as im:
+                    sizes.append((im.height, im.width))
+            except (OSError, ValueError, Image.DecompressionBombError):
+                sizes.append(None)
+        return sizes
+
+    def check_all(self, threads=None):
+        """Read and decode every image (``--check_data``); raise one ``ValueError`` listing every failure."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def probe(index):
+            try:
+                self.read(index)
+            except (OSError, ValueError) as err:
+                return str(err)
+            return None
+
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            errors = [e for e in pool.map(probe, range(len(self.paths))) if e]
+        if errors:
+            more = f' (and {len(errors) - 5} more)' if len(errors) > 5 else ''
+            raise ValueError(f'{self.dataset_type}: {len(errors)} of {len(self.paths)} image(s) in {self.root!r} '
+                             f'cannot be used: ' + ' | '.join(errors[:5]) + more)
 
 
 def _meta_names(meta_file):

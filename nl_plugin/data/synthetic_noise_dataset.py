@@ -6,7 +6,6 @@ raw-like signal (N3Net's real-noise variant, paper section 5.3). See :class:`Syn
 import math
 import random
 
-import cv2
 import numpy as np
 import torch
 from basicsr.data.transforms import augment
@@ -15,8 +14,17 @@ from basicsr.utils.matlab_functions import imresize
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 
-from nl_plugin.data.data_util import (ImageSource, as_range, check_min_size, check_option_keys, check_phase,
-                                      check_positive_int, convert_color, name_seed, parse_color)
+from nl_plugin.data.data_util import (
+    ImageSource,
+    as_range,
+    check_min_size,
+    check_option_keys,
+    check_phase,
+    check_positive_int,
+    convert_color,
+    name_seed,
+    parse_color,
+)
 
 _KEYS = {
     'dataroot_gt', 'io_backend', 'meta_info_file', 'color', 'in_ch', 'num_ch',
@@ -87,7 +95,8 @@ class SyntheticNoiseDataset(data.Dataset):
         if opt.get('use_scale') is not None:
             lo, hi = as_range(opt['use_scale'], 'use_scale', name, low=1e-3)
             if hi > 1.0:
-                raise ValueError(f'{name}: use_scale factors must lie in (0, 1] (downscaling), got {opt["use_scale"]!r}')
+                raise ValueError(f'{name}: use_scale factors must lie in (0, 1] (downscaling), '
+                                 f'got {opt["use_scale"]!r}')
             self.use_scale = (lo, hi)
 
         self.noise_type = opt.get('noise_type', 'gaussian')
@@ -96,9 +105,9 @@ class SyntheticNoiseDataset(data.Dataset):
         if 'sigma' in opt and 'sigma_range' in opt:
             raise ValueError(f'{name}: give either sigma or sigma_range, not both')
         if 'sigma_range' in opt:
-            self.sigma = as_range(opt['sigma_range'], 'sigma_range', name, allow_scalar=False)
+            self.sigma = as_range(opt['sigma_range'], 'sigma_range', name, allow_scalar=False, high=255)
         else:
-            self.sigma = as_range(opt.get('sigma', 25), 'sigma', name)
+            self.sigma = as_range(opt.get('sigma', 25), 'sigma', name, high=255)  # std on the 0-255 scale
         self.noise_seed = int(opt.get('noise_seed', 0))
         self.clip = bool(opt.get('clip', False))
 

@@ -1,7 +1,6 @@
 """The papers' squared-error loss, 1/2 * sum (pred - target)^2, with a documented normalisation."""
-import torch
-from torch import nn
 from basicsr.utils.registry import LOSS_REGISTRY
+from torch import nn
 
 _NORMALIZATIONS = ('batch', 'pixel', 'sum')
 

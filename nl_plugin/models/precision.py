@@ -20,6 +20,7 @@ scaler); the scaler's state is not saved with the training state, a resumed run 
 import contextlib
 import difflib
 import os
+from typing import Callable
 
 import torch
 
@@ -140,7 +141,7 @@ class ModelPrecision:
             if value is not None:
                 check_precision(value, f'{section}:precision')
 
-    def run(self, net: torch.nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
+    def run(self, net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, training: bool) -> torch.Tensor:
         """``net(x)`` under :meth:`autocast`; a low-precision output is returned as fp32 (losses, metrics and the
         residual add see fp32)."""
         with self.autocast(training):

@@ -23,10 +23,25 @@ Two implementations of the block's heavy part are provided:
   results up to floating point rounding (tested).
 """
 from .candidates import aggregate_patches, all_pairs_index, candidate_index, patch_sqdist, search_starts
-from .knn import (KNN_UPDATES, SELECTIONS, continuous_knn, gumbel_noise, hard_knn_weights, log1mexp,
-                  neighbour_weights, patch_temperature, selection_inputs)
-from .patch_grid import (extract_patches, fold_patches, overlap_count, pad_to_patch_grid, patch_grid_padding,
-                         patch_grid_shape)
+from .knn import (
+                  KNN_UPDATES,
+                  SELECTIONS,
+                  continuous_knn,
+                  gumbel_noise,
+                  hard_knn_weights,
+                  log1mexp,
+                  neighbour_weights,
+                  patch_temperature,
+                  selection_inputs,
+)
+from .patch_grid import (
+                  extract_patches,
+                  fold_patches,
+                  overlap_count,
+                  pad_to_patch_grid,
+                  patch_grid_padding,
+                  patch_grid_shape,
+)
 from .tiled import TilePlan, choose_tile, make_tile_plan, tiled_aggregate_fold, tiled_patch_sqdist
 
 __all__ = [

@@ -6,11 +6,19 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..amp import accum_dtype, compute_dtype, to_accum, to_compute
+from ..amp import accum_dtype, compute_dtype, to_accum
 from ..tiling import tile_starts
 from .candidates import search_starts
 
-__all__ = ['TilePlan', 'choose_tile', 'make_tile_plan', 'tiled_patch_sqdist', 'tiled_aggregate_fold']
+__all__ = ['TilePlan', 'choose_tile', 'make_tile_plan', 'chunk_budget', 'tiled_patch_sqdist', 'tiled_aggregate_fold']
+
+# Elements one chunk of tiles may hold (the products of its tiles run as one batched matmul). On the CPU
+# 2^25 (128 MB in fp32): larger chunks run no faster once the products reach the matmul rate. On CUDA
+# 1/16 of the free memory in fp32 elements, up to 2^28: each chunk is a few kernel launches and gathers,
+# so fewer, larger chunks keep the GPU busy; the chunk's temporaries are a small multiple of it.
+CPU_CHUNK_ELEMS = 1 << 25
+GPU_CHUNK_SHARE = 1 / 16
+GPU_CHUNK_ELEMS = 1 << 28
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +101,13 @@ def make_tile_plan(nh: int, nw: int, search_size: int, tile: tuple[int, int] | N
     """
     if tile is None:
         tile = (choose_tile(nh, search_size), choose_tile(nw, search_size))
-    return _make_tile_plan(nh, nw, search_size, min(tile[0], nh), min(tile[1], nw)).to(device)
+    return _plan_on(nh, nw, search_size, min(tile[0], nh), min(tile[1], nw), torch.device(device or 'cpu'))
+
+
+@lru_cache(maxsize=16)
+def _plan_on(nh, nw, search_size, th, tw, device):
+    # One copy per device: a GPU forward does not copy the index tensors from the host every call.
+    return _make_tile_plan(nh, nw, search_size, th, tw).to(device)
 
 
 @lru_cache(maxsize=16)
@@ -132,8 +146,18 @@ def _make_tile_plan(nh, nw, search_size, th, tw):
                     local=local, owner=owner.view(ntr * ntc, th * tw), slot=slot, origin=origin)
 
 
-def _tile_chunks(plan, per_tile_elems, budget=1 << 25):
-    """Ranges of tiles processed together so that one chunk holds ~``budget`` elements."""
+@lru_cache(maxsize=8)
+def chunk_budget(device: torch.device) -> int:
+    """Elements one chunk of tiles may hold on ``device`` (see ``CPU_CHUNK_ELEMS``; read once per device)."""
+    if device.type != 'cuda':
+        return CPU_CHUNK_ELEMS
+    free = torch.cuda.mem_get_info(device)[0]
+    return int(min(max(free * GPU_CHUNK_SHARE / 4, CPU_CHUNK_ELEMS), GPU_CHUNK_ELEMS))
+
+
+def _tile_chunks(plan, per_tile_elems, budget=None):
+    """Ranges of tiles processed together so that one chunk holds ~``budget`` elements (``chunk_budget``)."""
+    budget = chunk_budget(plan.query.device) if budget is None else budget
     n = plan.query.shape[0]
     step = max(1, min(n, budget // max(per_tile_elems, 1)))
     return [(i, min(i + step, n)) for i in range(0, n, step)]

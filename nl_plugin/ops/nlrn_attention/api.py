@@ -24,6 +24,7 @@ import torch
 from ..amp import accum_dtype, to_compute
 from .common import check_qkv, check_window_args, requires_grad, window_geometry
 from .dense import dense_logits_step, linear_attention, masked_window_sdpa, sdpa_attention
+from .flex import flex_step, flex_window_attention
 from .halo import halo_attention
 from .halo_inference import strips_attention
 from .router import Kernel, route_step, route_window
@@ -66,6 +67,8 @@ def _run_window(kernel, q, k, v, window_size, border, normalization, prev_logits
     """Run a window kernel; ``layout`` is that of the window logits carried in and out (BLOCKS or IMAGE)."""
     if kernel is Kernel.MASKED_SDPA:
         return masked_window_sdpa(q, k, v, window_size, border)
+    if kernel is Kernel.FLEX:       # the router picks it only without carried logits
+        return flex_window_attention(q, k, v, window_size, border)
     geo = window_geometry(q.shape[1], q.shape[2], window_size, border)
     if prev_logits is not None and layout is Layout.IMAGE and tuple(prev_logits.shape) != (*q.shape[:3], geo.p):
         raise ValueError(f'prev_logits must have shape {(*q.shape[:3], geo.p)} (compact window layout), '
@@ -140,6 +143,8 @@ def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
         out, logits = dense_logits_step(q, k, v, None if state is None else state.logits, window_size, border,
                                         normalization)
         return out, (CorrelationState(logits=logits, layout=Layout.DENSE) if propagate else None)
+    if route.kernel is Kernel.FLEX:
+        return flex_step(q, k, v, state, window_size, border, propagate)
     if carried is Layout.EMBEDDINGS:   # L_t = [q_1..q_t].[k_1..k_t]: the sum over steps is the product's own
         q = torch.cat([state.q.to(q.dtype), q], dim=-1)
         k = torch.cat([state.k.to(k.dtype), k], dim=-1)

@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from . import flex
 from .common import window_geometry
 from .state import Layout
 
@@ -41,6 +42,7 @@ class Kernel(str, enum.Enum):
     HALO = 'halo'                   # blocked halo kernel with autograd, image-layout logits (halo.py)
     STRIPS = 'strips'               # no-grad halo kernel on key/value strips, block-layout logits (halo_inference.py)
     BANDS = 'bands'                 # a network streams bands of rows through all steps (halo_inference.py)
+    FLEX = 'flex'                   # FlexAttention, window as a block mask, embeddings carried (CUDA; flex.py)
 
 
 class Route(NamedTuple):
@@ -62,11 +64,17 @@ def _available_memory_bytes(device: torch.device) -> int:
     return 4 * 2**30
 
 
-def _window_kernel(grad, normalization, pixels, prev_logits, return_logits):
-    # GPU slot: a FlexAttention kernel (window as a block mask, logits recomputed from carried
-    # embeddings) is to be chosen here for CUDA tensors, before the CPU kernels below.
+def _flex_applies(device, normalization):
+    # FlexAttention on CUDA only: eager (CPU) it materialises the (N, N) scores. Softmax is the only
+    # normalisation it has; 'count' stays on the halo kernels.
+    return device.type == 'cuda' and normalization == 'softmax' and flex.available()
+
+
+def _window_kernel(grad, normalization, pixels, prev_logits, return_logits, device):
     if grad and normalization == 'softmax' and not prev_logits and not return_logits and pixels <= DENSE_WINDOW_PIXELS:
         return Kernel.MASKED_SDPA
+    if not prev_logits and not return_logits and _flex_applies(device, normalization):
+        return Kernel.FLEX
     return Kernel.HALO if grad else Kernel.STRIPS
 
 
@@ -81,14 +89,19 @@ def route_window(*, grad: bool, normalization: str, pixels: int, prev_logits: bo
         prev_logits (bool): Logits are carried in. return_logits (bool): Logits are carried out.
         device (torch.device): Device of the tensors.
     """
-    kernel = _window_kernel(grad, normalization, pixels, prev_logits, return_logits)
-    logger.debug('nlrn attention: window_attention -> %s (grad=%s, %d px, %s)', kernel.value, grad, pixels, device)
+    kernel = _window_kernel(grad, normalization, pixels, prev_logits, return_logits, device)
+    if not torch.compiler.is_compiling():   # a logging call would break a compiled graph
+        logger.debug('nlrn attention: window_attention -> %s (grad=%s, %d px, %s)', kernel.value, grad, pixels, device)
     return kernel
 
 
 def _step_route(window_size, border, normalization, grad, shape, element_size, device, carried, propagate):
     b, h, w = shape
     n = h * w
+    if carried is Layout.TOKENS:
+        if window_size is None:
+            raise ValueError('global attention carries embeddings or dense logits, not FlexAttention tokens')
+        return Route(Kernel.FLEX, Layout.TOKENS)
     if carried is Layout.DENSE or (carried is None and propagate and grad
                                    and b * n * n * element_size <= DENSE_LOGIT_BYTES):
         return Route(Kernel.DENSE_LOGITS, Layout.DENSE)
@@ -100,12 +113,15 @@ def _step_route(window_size, border, normalization, grad, shape, element_size, d
     if windowed:
         if grad and carried is Layout.BLOCKS:
             raise ValueError('block-layout logits are inference-only (autograd is recording)')
-        return Route(_window_kernel(grad, normalization, n, True, propagate), carried)
-    kernel = _window_kernel(grad, normalization, n, False, False)
+        return Route(_window_kernel(grad, normalization, n, True, propagate, device), carried)
+    kernel = _window_kernel(grad, normalization, n, False, False, device)
+    if kernel is Kernel.FLEX:
+        return Route(kernel, Layout.TOKENS)
     if kernel is not Kernel.MASKED_SDPA and carried is None and propagate:
         need = b * n * window_geometry(h, w, window_size, border).p * element_size
         if need <= LOGIT_MEMORY_SHARE * _available_memory_bytes(device):
-            return Route(_window_kernel(grad, normalization, n, False, True), Layout.IMAGE if grad else Layout.BLOCKS)
+            kernel = _window_kernel(grad, normalization, n, False, True, device)
+            return Route(kernel, Layout.IMAGE if grad else Layout.BLOCKS)
     return Route(kernel, Layout.EMBEDDINGS)
 
 
@@ -115,9 +131,11 @@ def route_step(*, window_size: Optional[int], border: str, normalization: str, g
     """Kernel of one propagated non-local step and the representation it carries (``propagated_attention``).
 
     Dense (B, N, N) logits while autograd records and they take at most ``DENSE_LOGIT_BYTES`` (NLRN's
-    43x43 training patches, any scope); the whole-tensor kernels in the global scope; in the window
-    scope fused masked SDPA for small images with autograd (carrying embeddings), else a halo kernel
-    carrying window logits while they fit in memory, embeddings otherwise.
+    43x43 training patches, any scope); the whole-tensor kernels in the global scope (on CUDA SDPA
+    picks its flash / memory-efficient kernels); in the window scope fused masked SDPA for small images
+    with autograd (carrying embeddings); else, for softmax on CUDA, FlexAttention carrying embeddings in
+    its token order; else a halo kernel carrying window logits while they fit in memory, embeddings
+    otherwise.
 
     Args:
         window_size (int | None): Validated odd window side; None = global.
@@ -135,15 +153,17 @@ def route_step(*, window_size: Optional[int], border: str, normalization: str, g
     route = _step_route(window_size, border, normalization, grad, shape, element_size, device, carried, propagate)
     if not propagate:
         route = route._replace(carry=None)
-    logger.debug('nlrn attention: step -> %s, carry %s (window %s, grad=%s, %s, %s)', route.kernel.value,
-                 route.carry and route.carry.value, window_size, grad, 'x'.join(map(str, shape)), device)
+    if not torch.compiler.is_compiling():
+        logger.debug('nlrn attention: step -> %s, carry %s (window %s, grad=%s, %s, %s)', route.kernel.value,
+                     route.carry and route.carry.value, window_size, grad, 'x'.join(map(str, shape)), device)
     return route
 
 
 def route_network(*, grad: bool, training: bool, window_size: Optional[int], border: str, height: int, width: int,
-                  device: torch.device) -> Optional[Kernel]:
+                  device: torch.device, allow_bands: bool = True) -> Optional[Kernel]:
     """Whether a network streams its window-scope inference in bands of rows (``Kernel.BANDS``) or runs
-    every step on the whole image (None; each step is then routed by ``route_step``).
+    every step on the whole image (None; each step is then routed by ``route_step``). On CUDA with
+    FlexAttention every step runs on the whole image (its carried embeddings are linear in the image).
 
     Args:
         grad (bool): Autograd records the forward. training (bool): The network is in training mode.
@@ -151,12 +171,14 @@ def route_network(*, grad: bool, training: bool, window_size: Optional[int], bor
         border (str): 'exclude' or 'circular' (bands need 'exclude').
         height, width (int): Image size.
         device (torch.device): Device of the input.
+        allow_bands (bool): False keeps every step on the whole image (``NLRN.stream_inference``).
     """
-    bands = (not grad and not training and window_size is not None and border == 'exclude'
-             and max(height, width) >= STREAM_WINDOWS * window_size)
+    bands = (allow_bands and not grad and not training and window_size is not None and border == 'exclude'
+             and max(height, width) >= STREAM_WINDOWS * window_size and not _flex_applies(device, 'softmax'))
     kernel = Kernel.BANDS if bands else None
-    logger.debug('nlrn attention: network -> %s (window %s, grad=%s, training=%s, %dx%d, %s)',
-                 'bands' if bands else 'per-step', window_size, grad, training, height, width, device)
+    if not torch.compiler.is_compiling():
+        logger.debug('nlrn attention: network -> %s (window %s, grad=%s, training=%s, %dx%d, %s)',
+                     'bands' if bands else 'per-step', window_size, grad, training, height, width, device)
     return kernel
 
 

@@ -11,13 +11,14 @@ class Layout(str, enum.Enum):
     DENSE = 'dense'             # logits: dense (B, N, N), N = H*W (small images with autograd, any scope)
     IMAGE = 'image'             # logits: compact window layout (B, H, W, P), see ``window_attention``
     BLOCKS = 'blocks'           # logits: (B, nby, nbx, b*b, P) of 8x8 query blocks (inference, in place)
+    TOKENS = 'tokens'           # q, k: concatenated embeddings in the FlexAttention tile order (flex.py)
 
 
 class CorrelationState(NamedTuple):
     """Correlation carried from one non-local step to the next (NLRN correlation propagation).
 
-    ``layout`` says which representation is set: ``q`` and ``k`` for ``Layout.EMBEDDINGS``
-    (L_t = [q_1..q_t] . [k_1..k_t]^T), else ``logits`` in that layout.
+    ``layout`` says which representation is set: ``q`` and ``k`` for ``Layout.EMBEDDINGS`` and
+    ``Layout.TOKENS`` (L_t = [q_1..q_t] . [k_1..k_t]^T), else ``logits`` in that layout.
     """
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None

@@ -1,0 +1,316 @@
+"""``NonLocalInjection``: any BasicSR architecture with non-local blocks inserted after named submodules.
+
+YAML::
+
+    network_g:
+      type: NonLocalInjection
+      base: {type: EDSR, num_in_ch: 3, num_out_ch: 3, num_feat: 64, num_block: 16, upscale: 2}
+      base_pretrained: ~          # a trained base's net_g_*.pth (keys without 'base.')
+      blocks:
+        - {after: body.7, type: N3Block, k: 7}
+        - {after: body.15, type: WindowedNonLocalBlock, nl_scope: window, window_size: 15}
+
+Every block entry names the submodule (``after``, as in ``base.named_modules()``) whose output the
+block replaces by ``block(output)``, and the block's registered ``type``; all other keys go to the
+block's constructor unchanged. Channel arguments left out (``num_in_ch`` or else ``num_feat``, and
+``num_out_ch``) are read from the base at the insertion point.
+"""
+import difflib
+import inspect
+import os
+import threading
+from copy import deepcopy
+
+import torch
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
+
+from nl_plugin.config_checks import check_kwargs
+
+# Wrappers whose forward is running, per thread (DataParallel runs its replicas in threads): an insertion
+# hook finds its blocks in the wrapper that is running, so replicas and deep copies use their own blocks.
+_RUNNING = threading.local()
+
+
+class _InsertionHook:
+    """Forward hook on a base submodule: its output goes through the wrapper's inserted block ``index``.
+
+    It holds no module (a deep copy or a DataParallel replica of the base keeps working); outside the
+    wrapper's forward (``net.base(x)``) it leaves the output as it is.
+    """
+
+    def __init__(self, key, index):
+        self.key, self.index = key, index
+
+    def __call__(self, module, args, output):
+        for net in reversed(getattr(_RUNNING, 'stack', ())):
+            if net.injection_key == self.key:
+                return net.blocks[self.index](output)
+        return None
+
+
+class InsertedBlock(nn.Module):
+    """A block inserted into a base network, followed by its channel adapter if it has one.
+
+    Args:
+        after (str): The base submodule whose output the block takes.
+        block (nn.Module): (B, C, H, W) -> (B, C', H, W).
+        adapter (nn.Module, optional): (B, C', H, W) -> (B, C, H, W), when C' != C.
+    """
+
+    def __init__(self, after, block, adapter=None):
+        super().__init__()
+        self.after, self.block, self.adapter = after, block, adapter
+
+    def forward(self, x):
+        if not torch.is_tensor(x) or x.dim() != 4:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise TypeError(f'block after {self.after!r}: expects a (B, C, H, W) tensor from that submodule, '
+                            f'got {shape}')
+        out = self.block(x)
+        return out if self.adapter is None else self.adapter(out)
+
+
+def identity_adapter(in_ch, out_ch):
+    """1x1 conv ``in_ch -> out_ch`` initialised to keep the first ``out_ch`` channels and drop the rest.
+
+    N3Block's output ``[x, z_1 - x, ..., z_k - x]`` starts with its input, so after this adapter the
+    block is exactly the identity at initialisation; training opens the neighbour channels.
+    """
+    conv = nn.Conv2d(in_ch, out_ch, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :out_ch, 0, 0].copy_(torch.eye(out_ch))
+        conv.bias.zero_()
+    return conv
+
+
+def nearby_names(names, name, limit=8):
+    """Did-you-mean matches for ``name`` and the submodules next to its deepest existing parent."""
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    parts = name.split('.')
+    near = []
+    for depth in range(len(parts) - 1, -1, -1):
+        prefix = '.'.join(parts[:depth])
+        near = [n for n in names if n.count('.') == depth and (not depth or n.startswith(prefix + '.'))]
+        if near:
+            break
+    if len(near) > limit:
+        near = near[:limit // 2] + ['...'] + near[-(limit // 2):]
+    return close, near
+
+
+def load_base_weights(base, path, param_key='params'):
+    """Load a trained base network's checkpoint (BasicSR ``net_g_*.pth`` or a plain state dict) strictly.
+
+    Args:
+        base (nn.Module): The base network.
+        path (str): Checkpoint path.
+        param_key (str | None): Key of the state dict in the file (BasicSR: 'params' or 'params_ema');
+            as in BasicSR's ``load_network``, 'params' is used when the key is absent.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'network_g:base_pretrained: {path!r} does not exist')
+    if next(base.parameters()).is_meta:     # option validation builds on the meta device
+        return
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(state, dict) and param_key and param_key in state:
+        state = state[param_key]
+    elif isinstance(state, dict) and 'params' in state and torch.is_tensor(next(iter(state['params'].values()))):
+        state = state['params']
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    if any(k.startswith('base.') for k in state) and not any(k.startswith('base.') for k in base.state_dict()):
+        raise ValueError(f"network_g:base_pretrained: {path!r} holds a NonLocalInjection network (keys 'base.*'); "
+                         'load it with path:pretrain_network_g instead')
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f'network_g:base_pretrained: {path!r} does not fit {type(base).__name__}: '
+                       f'missing keys {missing[:4]}, unexpected keys {unexpected[:4]}')
+
+
+@ARCH_REGISTRY.register()
+class NonLocalInjection(nn.Module):
+    """A BasicSR network (``base``) with blocks inserted after named submodules.
+
+    The base keeps its parameter names under ``base.`` and the blocks live under ``blocks.<i>.block``
+    (adapters: ``blocks.<i>.adapter``), so checkpoints of the wrapped network load with BasicSR's
+    ``path:pretrain_network_g``, and a trained base loads with ``base_pretrained``.
+
+    Channels: a small forward of the base (``probe_size`` square input, no autograd, eval mode) gives the
+    shape at each insertion point (falling back to the last conv's ``out_channels`` of that submodule);
+    channel arguments a block entry leaves out are filled with it. A block whose output has more channels
+    than its input (N3Block: ``C (k + 1)``) is followed by :func:`identity_adapter` (1x1 conv back to C).
+
+    At initialisation the wrapped network computes exactly what the base computes when every block starts
+    as the identity (WindowedNonLocalBlock with its zero-init ``g``; N3Block with the identity adapter); a
+    warning is logged when a block does not. ``net.base(x)`` runs the base without the blocks.
+
+    Args:
+        base (dict): The base architecture: ``type`` (any ``ARCH_REGISTRY`` name) and its arguments.
+        blocks (list[dict]): One entry per inserted block: ``after`` (submodule name), ``type`` and the
+            block's own arguments. Default: none.
+        base_pretrained (str, optional): Checkpoint of a trained base to load into ``base``. Default: None.
+        base_param_key (str): State-dict key in that checkpoint ('params' or 'params_ema'). Default: 'params'.
+        probe_size (int): Side of the probe input (a multiple of what the base needs). Default: 32.
+    """
+
+    def __init__(self, base: dict, blocks: list = (), base_pretrained: str = None, base_param_key: str = 'params',
+                 probe_size: int = 32):
+        super().__init__()
+        if not isinstance(base, dict) or 'type' not in base:
+            raise KeyError(f'network_g:base must be a mapping with a "type" key, got {base!r}')
+        base_opt = deepcopy(base)
+        base_cls = ARCH_REGISTRY.get(base_opt.pop('type'))
+        check_kwargs(base_cls, base_opt, where=f'network_g:base ({base_cls.__name__})')
+        self.base = base_cls(**base_opt)
+        if base_pretrained:
+            load_base_weights(self.base, base_pretrained, base_param_key)
+        specs = [self._check_spec(i, spec) for i, spec in enumerate(blocks or [])]
+        self.injection_key = object()     # a deep copy gets its own key, and its hooks the same new key
+        probe = self._probe_input(base, probe_size)
+        shapes, out_shape = self._probe(probe, [s['after'] for s in specs])
+        self.upscale = out_shape[-1] // probe.shape[-1] if out_shape else int(getattr(self.base, 'upscale', 1) or 1)
+        self.blocks = nn.ModuleList()
+        modules = dict(self.base.named_modules())
+        for i, spec in enumerate(specs):
+            channels = self._channels_at(i, spec['after'], shapes.get(spec['after']), modules[spec['after']])
+            self.blocks.append(self._build_block(i, spec, channels, shapes.get(spec['after'])))
+            modules[spec['after']].register_forward_hook(_InsertionHook(self.injection_key, i))
+        if out_shape and specs:
+            self._warn_unless_identity(probe)
+
+    # ------------------------------------------------------------------ construction
+    def _check_spec(self, i, spec):
+        where = f'network_g:blocks[{i}]'
+        if not isinstance(spec, dict) or 'after' not in spec or 'type' not in spec:
+            raise KeyError(f'{where}: needs the keys "after" (submodule name) and "type", got {spec!r}')
+        names = [n for n, _ in self.base.named_modules() if n]
+        if spec['after'] not in names:
+            close, near = nearby_names(names, str(spec['after']))
+            hint = f' Did you mean {", ".join(map(repr, close))}?' if close else ''
+            raise KeyError(f'{where}: after: {type(self.base).__name__} has no submodule {spec["after"]!r}.{hint} '
+                           f'Submodules there: {", ".join(near)}')
+        return dict(spec)
+
+    def _probe_input(self, base_opt, size):
+        p = next(self.base.parameters(), None)
+        in_ch = base_opt.get('num_in_ch')
+        if in_ch is None:
+            first = next((m for m in self.base.modules() if isinstance(m, nn.Conv2d)), None)
+            in_ch = first.in_channels if first is not None else 3
+        return torch.zeros(1, int(in_ch), size, size, device=p.device if p is not None else None,
+                           dtype=p.dtype if p is not None else None)
+
+    @torch.no_grad()
+    def _probe(self, x, names):
+        """Output shapes of the named submodules in one small forward of the base: ({name: shape}, out shape)."""
+        shapes, calls, handles = {}, {}, []
+        modules = dict(self.base.named_modules())
+        for name in set(names):
+            def record(module, args, output, name=name):
+                calls[name] = calls.get(name, 0) + 1
+                shapes[name] = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
+            handles.append(modules[name].register_forward_hook(record))
+        modes = {m: m.training for m in self.base.modules()}
+        self.base.eval()
+        try:
+            out = self.base(x)
+            out_shape = tuple(out.shape) if torch.is_tensor(out) else None
+        except Exception as err:   # any base: fall back to the modules' channel counts
+            get_root_logger().warning(f'NonLocalInjection: probe forward of the base failed ({err}); '
+                                      'channels are read from the submodules instead')
+            return {}, None
+        finally:
+            for h in handles:
+                h.remove()
+            for m, mode in modes.items():
+                m.training = mode
+        for i, name in enumerate(names):
+            if calls.get(name, 0) != 1:
+                raise ValueError(f'network_g:blocks[{i}]: after: submodule {name!r} runs {calls.get(name, 0)} times in '
+                                 'one forward of the base; choose a submodule that runs exactly once')
+        return shapes, out_shape
+
+    def _channels_at(self, i, name, shape, module):
+        if shape is not None:
+            if isinstance(shape, str) or len(shape) != 4:
+                what = f'is a {shape}' if isinstance(shape, str) else f'has shape {shape}'
+                raise ValueError(f'network_g:blocks[{i}]: after: the output of {name!r} {what}, not (B, C, H, W)')
+            return shape[1]
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        if convs:
+            return convs[-1].out_channels
+        for attr in ('out_channels', 'num_features', 'num_feat'):
+            if isinstance(getattr(module, attr, None), int):
+                return getattr(module, attr)
+        raise ValueError(f'network_g:blocks[{i}]: cannot tell the channels after {name!r}; '
+                         'give num_in_ch / num_feat in the block entry')
+
+    def _build_block(self, i, spec, channels, shape):
+        where = f'network_g:blocks[{i}]'
+        opt = {k: v for k, v in spec.items() if k not in ('after', 'type')}
+        cls = ARCH_REGISTRY.get(spec['type'])
+        check_kwargs(cls, opt, where=f'{where} ({cls.__name__})')
+        params = inspect.signature(cls).parameters
+        in_key = next((k for k in ('num_in_ch', 'num_feat') if k in params), None)
+        if in_key is not None:
+            given = opt.setdefault(in_key, channels)
+            if given != channels:
+                raise ValueError(f'{where}: {in_key}={given} but the output of {spec["after"]!r} has '
+                                 f'{channels} channels')
+        if 'num_out_ch' in params:
+            opt.setdefault('num_out_ch', channels)
+        block = cls(**opt)
+        out_ch = self._block_out_channels(block, channels, shape)
+        adapter = None
+        if out_ch != channels:
+            if out_ch < channels:
+                raise ValueError(f'{where}: {cls.__name__} gives {out_ch} channels, fewer than its {channels} inputs')
+            adapter = identity_adapter(out_ch, channels)
+        return InsertedBlock(spec['after'], block, adapter)
+
+    @torch.no_grad()
+    def _block_out_channels(self, block, channels, shape):
+        out_ch = getattr(block, 'num_out_ch', None)
+        if isinstance(out_ch, int):
+            return out_ch
+        p = next(self.base.parameters())
+        if shape is None or p.is_meta:
+            return channels
+        was = {m: m.training for m in block.modules()}
+        block.to(p.device).eval()
+        try:
+            return block(torch.zeros(shape, device=p.device, dtype=p.dtype)).shape[1]
+        finally:
+            for m, mode in was.items():
+                m.training = mode
+
+    @torch.no_grad()
+    def _warn_unless_identity(self, probe):
+        if probe.is_meta:
+            return
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        try:
+            x = torch.rand(probe.shape, generator=torch.Generator().manual_seed(0)).to(probe)
+            same = torch.equal(self(x), self.base(x))
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        if not same:
+            get_root_logger().warning('NonLocalInjection: the inserted blocks do not start as the identity; the '
+                                      'network does not reproduce the base at initialisation')
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x):
+        """Run the base with the inserted blocks: same input and output as the base."""
+        stack = _RUNNING.__dict__.setdefault('stack', [])
+        stack.append(self)
+        try:
+            return self.base(x)
+        finally:
+            stack.pop()
+
+
+__all__ = ['NonLocalInjection', 'InsertedBlock', 'identity_adapter', 'load_base_weights']

@@ -1,0 +1,193 @@
+"""Weight files that rebuild their network: formats, metadata, safe loading, mismatch reports, detection,
+scripts/convert_weights.py, and checkpoints of a real ``basicsr train`` run (safetensors, EMA, resume)."""
+import importlib.util
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from basicsr.utils.registry import ARCH_REGISTRY
+
+from conftest import ROOT, basicsr_cmd
+from nl_plugin import weights
+from nl_plugin.arch_detect import detect_arch
+
+NLRN_SPEC = {'type': 'NLRN', 'num_feat': 8, 'num_embed': 4, 'num_steps': 2}
+
+
+def build(spec):
+    net = ARCH_REGISTRY.get(spec['type'])(**{k: v for k, v in spec.items() if k != 'type'})
+    with torch.no_grad():
+        for p in net.parameters():       # non-trivial weights (NLRN's g starts at zero)
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.eval()
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'scripts', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_safetensors_round_trip_keeps_arch_in_header(tmp_path):
+    pytest.importorskip('safetensors')
+    from safetensors import safe_open
+    net = build(NLRN_SPEC)
+    written = {}
+
+    def write(path, data):                # the caller decides how bytes reach the disk
+        written[path] = len(data)
+        with open(path, 'wb') as f:
+            f.write(data)
+    path = str(tmp_path / 'nlrn.safetensors')
+    weights.save_weights(net.state_dict(), path, arch=NLRN_SPEC, pipeline={'residual_learning': True}, write=write)
+    assert written == {path: os.path.getsize(path)}
+    with safe_open(path, framework='pt') as f:
+        meta = f.metadata()
+    assert json.loads(meta['arch']) == NLRN_SPEC and json.loads(meta['pipeline']) == {'residual_learning': True}
+    loaded, spec, w = weights.load_network(path)
+    assert spec == NLRN_SPEC and w.pipeline == {'residual_learning': True}
+    x = torch.rand(1, 1, 12, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+
+
+def test_pth_keeps_basicsr_layout_and_ema_is_preferred(tmp_path):
+    a, b = build(NLRN_SPEC), build(NLRN_SPEC)
+    path = str(tmp_path / 'ckpt.pth')
+    weights.save_weights({'params': a.state_dict(), 'params_ema': b.state_dict()}, path, arch=NLRN_SPEC)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {'params', 'params_ema', 'arch'}
+    ARCH_REGISTRY.get('NLRN')(num_feat=8, num_embed=4, num_steps=2).load_state_dict(raw['params'], strict=True)
+    assert weights.read_weights(path).param_key == 'params_ema'
+    chosen = weights.read_weights(path, 'params').state_dict
+    assert torch.equal(chosen['conv_first.weight'], a.state_dict()['conv_first.weight'])
+
+
+def test_safetensors_with_two_state_dicts(tmp_path):
+    pytest.importorskip('safetensors')
+    a, b = build(NLRN_SPEC), build(NLRN_SPEC)
+    path = str(tmp_path / 'ckpt.safetensors')
+    weights.save_weights({'params': a.state_dict(), 'params_ema': b.state_dict()}, path, arch=NLRN_SPEC)
+    dicts, arch, _ = weights.read_all(path)
+    assert sorted(dicts) == ['params', 'params_ema'] and arch == NLRN_SPEC
+    for key, net in (('params', a), ('params_ema', b)):
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in dicts[key].items())
+
+
+class Payload:
+    """Any class: a pickle that would construct it is refused by the safe loader."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = str(tmp_path / 'unsafe.pth')
+    torch.save({'params': build(NLRN_SPEC).state_dict(), 'extra': Payload()}, path)
+    with pytest.raises(weights.WeightsError, match=r"unsafe\.pth' is not a plain weights file and is refused"):
+        weights.read_weights(path)
+
+
+def test_mismatched_weights_list_the_keys(tmp_path):
+    path = str(tmp_path / 'dncnn.pth')
+    weights.save_weights(build({'type': 'DnCNN', 'num_feat': 8, 'depth': 3}).state_dict(), path,
+                         arch={'type': 'DnCNN', 'num_feat': 8, 'depth': 3})
+    with pytest.raises(weights.WeightsError) as err:
+        weights.load_network(path, arch_opt={'depth': 4})
+    msg = str(err.value)
+    assert '\n' not in msg and path in msg and 'missing keys (6): body.3.weight, body.4.weight' in msg
+    assert 'unexpected' not in msg and 'shape mismatch' not in msg
+    with pytest.raises(weights.WeightsError, match=r'shape mismatch \(\d+\): conv_first.weight: file \(8, 1, 3, 3\) '
+                                                   r'vs network \(4, 1, 3, 3\)'):
+        weights.load_network(path, arch_opt={'num_feat': 4})
+
+
+@pytest.mark.parametrize('spec', [
+    NLRN_SPEC,
+    dict(NLRN_SPEC, share_weights=False, nonlocal_every=2, num_steps=3),
+    {'type': 'NLRN', 'num_feat': 8, 'num_steps': 2, 'correlation': 'symmetric_embedded_gaussian', 'num_embed': 4},
+    {'type': 'DnCNN', 'num_feat': 8, 'depth': 4, 'num_in_ch': 3, 'num_out_ch': 3},
+    {'type': 'DnCNN', 'num_feat': 8, 'depth': 3, 'bn': False},
+    {'type': 'N3Net', 'num_feat': 8, 'depth': 3, 'embed_feat': 8, 'k': 3, 'num_inter_ch': 4},
+    {'type': 'N3Net', 'num_feat': 8, 'depth': 3, 'num_stages': 2, 'stage_type': 'vdsr'},
+])
+def test_detected_arch_rebuilds_the_same_network(spec):
+    with torch.device('meta'):
+        sd = ARCH_REGISTRY.get(spec['type'])(**{k: v for k, v in spec.items() if k != 'type'}).state_dict()
+    found = detect_arch(sd)
+    assert found['type'] == spec['type']
+    for key, value in spec.items():
+        assert found.get(key, value) == value, key
+    assert detect_arch({'conv.weight': torch.zeros(1)}) is None
+
+
+def test_convert_weights_script(tmp_path, capsys):
+    pytest.importorskip('safetensors')
+    convert = load_script('convert_weights')
+    spec = {'type': 'N3Net', 'num_feat': 8, 'depth': 3, 'embed_feat': 8, 'num_stages': 2}
+    net = build(spec)
+    bare = str(tmp_path / 'bare.pth')
+    torch.save(net.state_dict(), bare)      # written elsewhere: no arch
+    st, back = str(tmp_path / 'n3.safetensors'), str(tmp_path / 'back.pth')
+    assert convert.main([bare, st]) == 0
+    assert 'carries no architecture' in capsys.readouterr().out
+    assert convert.main([st, back]) == 0
+    w = weights.read_weights(back)
+    assert w.arch['type'] == 'N3Net' and w.arch['num_stages'] == 2
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in w.state_dict.items())
+    assert convert.main([st, back]) == 2
+    assert 'back.pth exists' in capsys.readouterr().err
+
+
+def _train_opt(root):
+    return {
+        'name': 'tiny', 'model_type': 'RestorationModel', 'num_gpu': 0, 'manual_seed': 1,
+        'datasets': {'train': {'name': 't', 'type': 'SyntheticNoiseDataset', 'dataroot_gt': str(root / 'train'),
+                               'sigma': 25, 'gt_size': 16, 'use_hflip': False, 'use_rot': False,
+                               'num_worker_per_gpu': 0, 'batch_size_per_gpu': 2, 'dataset_enlarge_ratio': 1}},
+        'network_g': {'type': 'DnCNN', 'num_feat': 4, 'depth': 3},
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None,
+                 'save_format': 'safetensors'},
+        'train': {'ema_decay': 0.9, 'optim_g': {'type': 'Adam', 'lr': 1e-3}, 'total_iter': 2, 'warmup_iter': -1,
+                  'scheduler': {'type': 'MultiStepLR', 'milestones': [100], 'gamma': 0.5},
+                  'pixel_opt': {'type': 'SquaredErrorLoss'}},
+        'logger': {'print_freq': 1, 'save_checkpoint_freq': 2, 'use_tb_logger': False},
+        'dist_params': {'backend': 'gloo', 'port': 29500},
+    }
+
+
+def test_training_checkpoints_rebuild_without_arch(tmp_path):
+    """safetensors + EMA from ``basicsr train``, resumed from them, then .pth; both rebuild from the file alone."""
+    pytest.importorskip('safetensors')
+    import cv2
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / 'train')
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / 'train' / f'{i}.png'), rng.integers(0, 256, (24, 24), dtype=np.uint8))
+    opt = tmp_path / 'tiny.yml'
+    opt.write_text(yaml.safe_dump(_train_opt(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run([basicsr_cmd(), 'train', '-opt', str(opt)], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    models = tmp_path / 'experiments' / 'tiny' / 'models'
+    assert sorted(os.listdir(models)) == ['net_g_2.safetensors', 'net_g_latest.safetensors']
+    dicts, arch, pipeline = weights.read_all(models / 'net_g_2.safetensors')
+    assert arch == {'type': 'DnCNN', 'num_feat': 4, 'depth': 3} and sorted(dicts) == ['params', 'params_ema']
+    assert pipeline == {'residual_learning': False}
+    r = subprocess.run([basicsr_cmd(), 'train', '-opt', str(opt), '--auto_resume', '--force_yml',
+                        'train:total_iter=3', 'path:save_format=pth'], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = ''.join(p.read_text() for p in (tmp_path / 'experiments' / 'tiny').glob('train_*.log'))
+    assert 'net_g_2.safetensors, with param key: [params_ema]' in log and 'Resuming training from epoch' in log
+    net, spec, w = weights.load_network(models / 'net_g_latest.pth')
+    assert spec == arch and w.param_key == 'params_ema' and type(net).__name__ == 'DnCNN'
+
+
+def test_unknown_save_format_is_refused_naming_the_key():
+    from nl_plugin.models.restoration_model import RestorationModel
+    with pytest.raises(ValueError, match=r"path:save_format: must be one of \['pth', 'safetensors'\], got 'onnx'"):
+        RestorationModel.validate_options({'path': {'save_format': 'onnx'}})
