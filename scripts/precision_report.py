@@ -43,10 +43,11 @@ ARCHS = {
 }
 
 
-def train_options(arch, precision, data, iters):
+def train_options(arch, precision, data, iters, seed=0):
     spec = ARCHS[arch]
     return {
-        'name': f'precision_{arch}_{precision}', 'model_type': 'RestorationModel', 'num_gpu': 0, 'manual_seed': 0,
+        'name': f'precision_{arch}_{precision}' + (f'_seed{seed}' if seed else ''), 'model_type': 'RestorationModel',
+        'num_gpu': 0, 'manual_seed': seed,
         'datasets': {
             'train': {'name': 'demo_train', 'type': 'SyntheticNoiseDataset',
                       'dataroot_gt': osp.join(data, 'train.lmdb'), 'io_backend': {'type': 'lmdb'}, 'color': 'gray',
@@ -67,7 +68,7 @@ def train_options(arch, precision, data, iters):
 
 
 def train(arch, precision, args):
-    opt = train_options(arch, precision, osp.abspath(args.data), args.iters)
+    opt = train_options(arch, precision, osp.abspath(args.data), args.iters, args.seed)
     weights = osp.join(args.work, 'experiments', opt['name'], 'models', 'net_g_latest.pth')
     if osp.exists(weights):
         return weights
@@ -151,6 +152,8 @@ def main():
     ap.add_argument('--threads', type=int, default=int(os.environ.get('OMP_NUM_THREADS', 2)))
     ap.add_argument('--json', default=None, help='also write the figures to this JSON file')
     ap.add_argument('--train_only', default=None, choices=['fp32', 'bf16'], help='only run this training and stop')
+    ap.add_argument('--seed', type=int, default=0, help='manual_seed of the trainings (the spread of short runs '
+                    'over seeds is the yardstick for the bf16-vs-fp32 training difference)')
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     if args.train_only:

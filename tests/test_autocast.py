@@ -30,8 +30,8 @@ BF16 = torch.bfloat16
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def tol(layers, passes=1):
-    return 4 * U * math.sqrt(layers * passes)
+def tol(layers, passes=1, u=U):
+    return 4 * u * math.sqrt(layers * passes)
 
 
 def rel_err(a, b, ref=None):
@@ -39,8 +39,8 @@ def rel_err(a, b, ref=None):
     return float((a.detach().float() - b.detach().float()).norm() / ref.detach().float().norm())
 
 
-def autocast():
-    return torch.autocast('cpu', dtype=BF16)
+def autocast(dtype=BF16):
+    return torch.autocast('cpu', dtype=dtype)
 
 
 def settle(net, x, steps=3):
@@ -69,10 +69,10 @@ def smooth_images(n, h, w, seed=0):
     return nn.functional.interpolate(x, size=(h, w), mode='bilinear', align_corners=False)
 
 
-def both(net, x):
+def both(net, x, dtype=BF16):
     with torch.no_grad():
         y = net(x)
-        with autocast():
+        with autocast(dtype):
             yb = net(x)
     return y, yb
 
@@ -115,10 +115,12 @@ def trained(name):
     return copy.deepcopy(_TRAINED[name])
 
 
+@pytest.mark.parametrize('dtype', [BF16, torch.float16], ids=['bf16', 'fp16'])
 @pytest.mark.parametrize('name', list(NETWORKS))
-def test_trained_network_under_autocast_matches_fp32(name, monkeypatch):
-    """bf16 inference of a small trained network, within the tolerance of its layer count (the PSNR cost on the
-    demo photos: scripts/precision_report.py)."""
+def test_trained_network_under_autocast_matches_fp32(name, dtype, monkeypatch):
+    """bf16 (and fp16: the same code path as on CUDA) inference of a small trained network, within the tolerance
+    of its layer count; fp16 rounds to 11 bits (u = 2^-11). The PSNR cost on the demo photos:
+    scripts/precision_report.py."""
     net = trained(name)
     _, (h, w), layers = NETWORKS[name]
     clean = smooth_images(1, h, w, seed=1)
@@ -135,13 +137,13 @@ def test_trained_network_under_autocast_matches_fp32(name, monkeypatch):
     else:
         first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
         first.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    y, yb = both(net, noisy)
-    if name.endswith('stream'):     # bf16 embeddings, fp32 carried logits
-        assert seen and (BF16, torch.float32) in seen and all(s[0] == BF16 for s in seen[len(seen) // 2:])
+    y, yb = both(net, noisy, dtype)
+    if name.endswith('stream'):     # low-precision embeddings, fp32 carried logits
+        assert seen and (dtype, torch.float32) in seen and all(s[0] == dtype for s in seen[len(seen) // 2:])
     else:
-        assert seen == [torch.float32, BF16]     # autocast really ran the convs in bf16
+        assert seen == [torch.float32, dtype]    # autocast really ran the convs in the low precision
     assert yb.dtype == torch.float32         # the residual output adds the fp32 input
-    assert rel_err(yb, y, y - noisy) < tol(layers)
+    assert rel_err(yb, y, y - noisy) < tol(layers, u=U if dtype == BF16 else 2.0**-11)
 
 
 @pytest.mark.parametrize('correlation', sorted(CORRELATIONS))

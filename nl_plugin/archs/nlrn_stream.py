@@ -10,6 +10,9 @@ instead of the whole image, and the other features for a few bands each. The ima
 Each stage computes one piece of ``NLRNStep`` (``nlrn_arch``) for a range of rows and keeps its
 output rows while a later stage may read them. Stages point only to the stages they read (no
 cycles), so every buffer is freed as soon as the forward returns.
+
+Under ``torch.autocast`` the kept feature rows are in the autocast dtype (half the memory in bf16) and the
+carried logits stay fp32 (``nl_plugin.ops.nlrn_attention.common``).
 """
 import functools
 
@@ -39,6 +42,9 @@ class _Context:
         self.py = window_geometry(self.h, self.x.shape[3], blk.window_size, 'exclude').py
         self.out = torch.empty_like(self.x)
         self.weights = {}
+        # under autocast the row convs run in its dtype: keep their weights in it (not cast again every band)
+        dev = x.device.type
+        self.weight_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         self.logits = {}     # (non-local step index, first row of the band) -> carried logits of that band
 
     def conv_rows(self, conv, inp, lo, a, e):
@@ -49,7 +55,7 @@ class _Context:
             t = F.pad(t, (0, 0, int(a == 0), int(e == h))).contiguous(memory_format=_CL)
         if conv not in self.weights:
             w = conv.weight.transpose(2, 3) if self.transpose else conv.weight
-            self.weights[conv] = w.contiguous(memory_format=_CL)
+            self.weights[conv] = w.to(self.weight_dtype or w.dtype).contiguous(memory_format=_CL)
         return F.conv2d(t, self.weights[conv], conv.bias, padding=(0, 1))
 
     def row_conv(self, lo, a, e):

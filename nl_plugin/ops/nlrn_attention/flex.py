@@ -16,6 +16,10 @@ q = 45, more than the 1536 of 12 steps' embeddings), and the kernel does not ret
 update them. Without autograd the embeddings go into buffers with room for ``CARRY_STEPS`` steps, so a
 step writes only its own: a concatenation would hold the previous state (still referenced by the
 caller) and its copy at once.
+
+Under autocast q, k and v arrive in the autocast dtype (``api.py`` casts them once) and so do the carried
+embeddings; the kernel accumulates the scores, hence the sum over the steps, and the softmax statistics in
+fp32, as the precision rule of ``common.py`` asks.
 """
 import logging
 from functools import lru_cache
