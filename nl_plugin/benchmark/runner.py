@@ -95,7 +95,10 @@ def run_case(name, args):
     cmd = [sys.executable, '-m', 'nl_plugin.benchmark', '--_worker', name, '--device', args.device,
            '--repeats', str(args.repeats), '--budget', str(args.budget)] + (['--quick'] if args.quick else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.case_timeout)
+    except subprocess.TimeoutExpired:
+        return {'case': name, 'description': CASES[name][0], 'error': f'timeout after {args.case_timeout:.0f} s'}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {'case': name, 'description': CASES[name][0], 'error': ' | '.join(tail)}
@@ -188,6 +191,8 @@ def main():
     ap.add_argument('--json', default=None, help='also write the figures to this JSON file')
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--budget', type=float, default=120.0, help='seconds of timed runs per case (>= 1 run)')
+    ap.add_argument('--case_timeout', type=float, default=None,
+                    help='seconds a case may take, start and warm-up included (default: no limit)')
     ap.add_argument('--only', nargs='*', default=None, help='run the cases whose name contains one of these')
     ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -198,17 +203,23 @@ def main():
     names = [n for n in CASES if not args.only or any(s in n for s in args.only)]
     if 'matmul_fp32' not in names:
         names.insert(0, 'matmul_fp32')
-    results = []
-    for name in names:
-        print(f'running {name} ...', file=sys.stderr, flush=True)
-        results.append(run_case(name, args))
     meta = {'device': args.device, 'quick': args.quick, 'torch': torch.__version__,
             'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(), 'platform': platform.platform(),
             'device_name': torch.cuda.get_device_name() if args.device == 'cuda' else _cpu_name(),
             'date': time.strftime('%Y-%m-%d')}
+    results = []
+    for name in names:
+        print(f'running {name} ...', file=sys.stderr, flush=True)
+        results.append(run_case(name, args))
+        if args.json:       # after every case, so a run stopped from outside keeps what it measured
+            write_json(args.json, meta, results)
     print_table(results, meta)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'meta': meta, 'results': results, 'ratios': dict(ratios(results))}, f, indent=1)
         print(f'\nwrote {args.json}')
+
+
+def write_json(path, meta, results):
+    from nl_plugin.fileio import atomic_write
+    doc = {'meta': meta, 'results': results, 'ratios': dict(ratios(results))}
+    atomic_write(path, lambda f: json.dump(doc, f, indent=1), mode='w')
 
