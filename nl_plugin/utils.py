@@ -58,3 +58,26 @@ def key_value_arg(text):
     if not sep or not key:
         raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {text!r}')
     return key, yaml.safe_load(value)
+
+
+def run_process_group(cmd, timeout=None, **kwargs):
+    """``subprocess.run(cmd, timeout=timeout, **kwargs)`` in a process group of its own, the whole group
+    killed on timeout: a launcher's children (torchrun's workers, inductor's compile workers) would
+    otherwise outlive it and run on beside whatever is measured next.
+
+    Raises:
+        subprocess.TimeoutExpired: after the group was killed.
+    """
+    import signal
+    import subprocess
+    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -36,6 +36,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from nl_plugin.utils import run_process_group  # noqa: E402
 
 #: benchmark case -> (target seconds, what the target is); from the GPU issue's targets for one H100.
 TARGETS = {
@@ -101,7 +103,7 @@ def run_step(log_dir, name, cmd, timeout, ok_codes=(0,)):
         f.write('$ ' + ' '.join(cmd) + '\n')
         f.flush()
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = run_process_group(cmd, timeout=timeout, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
         except subprocess.TimeoutExpired:
             rc = 'timeout'
     row = {'step': name, 'ok': rc in ok_codes, 'rc': rc, 'seconds': time.perf_counter() - t0, 'peak_gpu_gb': mem.peak,

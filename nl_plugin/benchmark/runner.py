@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+from ..utils import run_process_group
 from .network_cases import CASES as NETWORK_CASES
 from .op_cases import OP_CASES
 
@@ -96,7 +97,8 @@ def run_case(name, args):
            '--repeats', str(args.repeats), '--budget', str(args.budget)] + (['--quick'] if args.quick else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.case_timeout)
+        proc = run_process_group(cmd, timeout=args.case_timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env)
     except subprocess.TimeoutExpired:
         return {'case': name, 'description': CASES[name][0], 'error': f'timeout after {args.case_timeout:.0f} s'}
     if proc.returncode != 0:
