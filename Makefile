@@ -21,13 +21,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check nl_plugin scripts tests
+	$(VENV)/bin/ruff check nl_plugin scripts tests benchmarks
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py
 
 # On a machine with a GPU: CUDA tests, CUDA benchmark, NLRN/N3Net training under torchrun and a test run,
-# one table at the end (at most 8 minutes; see README, GPU). GPU_CHECK_ARGS=--smoke runs it on the CPU.
+# one table at the end (at most 560 s; see README, GPU). GPU_CHECK_ARGS=--smoke runs it on the CPU.
 GPU_CHECK_OUT ?= gpu_check_out
 gpu-check: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) scripts/gpu_check.py $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)

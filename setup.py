@@ -11,13 +11,13 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.11',
     install_requires=[
-        'torch>=2.14,<2.15',
-        'torchvision>=0.29,<0.30',
+        'torch>=2.14,<2.16',          # tested: 2.14.1 and 2.15.0 (README, 'Tested versions')
+        'torchvision>=0.29,<0.30',    # tested: 0.29.1 and 0.29.2
         'basicsr==1.4.2',
         'mmengine',
         'opencv-python',
         'lmdb',
-        'numpy>=2',
+        'numpy>=2,<3',                # tested: 2.4.6
         'scikit-image',
         'tqdm',
         'pyyaml',

@@ -15,7 +15,7 @@ Steps (each one a subprocess; a failed step is reported and the next one still r
    (``options/gpu_check_nlrn.yml``, ``options/gpu_check_n3net.yml``);
 5. ``basicsr test`` of the trained NLRN (``options/gpu_check_nlrn_test.yml``).
 
-Every step has a time cap and all of them together at most ``BUDGET_S`` (500 s): a step past its
+Every step has a time cap and all of them together at most ``BUDGET_S`` (560 s): a step past its
 cap is reported as a timeout, a step left without time as skipped. The table gives each step's status,
 wall time and peak GPU memory (``nvidia-smi``'s used memory of the device, polled twice a second, so it
 includes the CUDA context), then the benchmark figures next to the targets.
@@ -51,9 +51,11 @@ MEMORY_TARGET_GB = {'nlrn_window_1024x768': 8.0, 'nlrn_window_1024x768_bf16': 8.
 #: benchmark cases run on the GPU (``--only`` substrings): the ones with targets and the matmul rate
 BENCH_CASES = ('matmul', 'nlrn_window_1024x768', 'n3net_1024x768', 'train_iter')
 #: seconds: all steps together on the GPU, and each step's cap
-BUDGET_S = 500
-STEP_CAPS_S = {'prepare demo data': 45, 'benchmark': 200, 'cuda tests': 100, 'train nlrn': 90, 'train n3net': 60,
-               'test nlrn': 30}
+BUDGET_S = 560
+# Caps from the H200 run (benchmarks/gpu_results.txt): data 15 s, benchmark 189 s, CUDA tests 31-50 s, the
+# NLRN training 119 s with its compile.
+STEP_CAPS_S = {'prepare demo data': 45, 'benchmark': 200, 'cuda tests': 90, 'train nlrn': 150, 'train n3net': 100,
+               'test nlrn': 40}
 #: seconds one benchmark case may take (process start, CUDA context, compiles, warm-up, timed runs)
 CASE_TIMEOUT_S = 60
 
@@ -177,7 +179,7 @@ def print_table(rows, bench):
         t, _ = TARGETS.get(r['case'], (None, ''))
         mt = MEMORY_TARGET_GB.get(r['case'])
         met = '' if t is None else ('yes' if r['median_s'] <= t and (mt is None or r['peak_mem_gb'] <= mt) else 'NO')
-        print(f"{r['case']:<30}{r['median_s']:>10.3f}{(f'{t:.3f}' if t else ''):>10}{r['peak_mem_gb']:>7.2f}"
+        print(f"{r['case']:<30}{r['median_s']:>10.4g}{(f'{t:.3f}' if t else ''):>10}{r['peak_mem_gb']:>7.2f}"
               f"{(f'{mt:.0f}' if mt else ''):>11}  {met}")
 
 
