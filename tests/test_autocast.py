@@ -39,8 +39,8 @@ def rel_err(a, b, ref=None):
     return float((a.detach().float() - b.detach().float()).norm() / ref.detach().float().norm())
 
 
-def autocast(dtype=BF16):
-    return torch.autocast('cpu', dtype=dtype)
+def autocast(dtype=BF16, device_type='cpu'):
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def settle(net, x, steps=3):
@@ -72,7 +72,7 @@ def smooth_images(n, h, w, seed=0):
 def both(net, x, dtype=BF16):
     with torch.no_grad():
         y = net(x)
-        with autocast(dtype):
+        with autocast(dtype, x.device.type):
             yb = net(x)
     return y, yb
 
@@ -117,16 +117,18 @@ def trained(name):
 
 @pytest.mark.parametrize('dtype', [BF16, torch.float16], ids=['bf16', 'fp16'])
 @pytest.mark.parametrize('name', list(NETWORKS))
-def test_trained_network_under_autocast_matches_fp32(name, dtype, monkeypatch):
-    """bf16 (and fp16: the same code path as on CUDA) inference of a small trained network, within the tolerance
-    of its layer count; fp16 rounds to 11 bits (u = 2^-11). The PSNR cost on the demo photos:
+def test_trained_network_under_autocast_matches_fp32(name, dtype, device, monkeypatch):
+    """bf16 and fp16 inference of a small trained network (trained on the CPU), on each device, within the
+    tolerance of its layer count; fp16 rounds to 11 bits (u = 2^-11). On CUDA the window scope runs
+    FlexAttention on the whole image instead of bands. The PSNR cost on the demo photos:
     scripts/precision_report.py."""
-    net = trained(name)
+    net = trained(name).to(device)
     _, (h, w), layers = NETWORKS[name]
-    clean = smooth_images(1, h, w, seed=1)
-    noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(2))
+    clean = smooth_images(1, h, w, seed=1).to(device)
+    noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(2)).to(device)
     seen = []
-    if name.endswith('stream'):     # bands of rows: the row convs are functional, watch the banded attention
+    banded = name.endswith('stream') and device.type == 'cpu'
+    if banded:     # bands of rows: the row convs are functional, watch the banded attention
         inner = nlrn_stream.window_attention_rows
 
         def spy(q, *args, **kw):
@@ -138,7 +140,7 @@ def test_trained_network_under_autocast_matches_fp32(name, dtype, monkeypatch):
         first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
         first.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     y, yb = both(net, noisy, dtype)
-    if name.endswith('stream'):     # low-precision embeddings, fp32 carried logits
+    if banded:     # low-precision embeddings, fp32 carried logits
         assert seen and (dtype, torch.float32) in seen and all(s[0] == dtype for s in seen[len(seen) // 2:])
     else:
         assert seen == [torch.float32, dtype]    # autocast really ran the convs in the low precision
@@ -280,18 +282,19 @@ def test_nlrn_carried_logits_stay_fp32(window_size, grad):
 
 
 @pytest.mark.parametrize('name', ['nlrn_window', 'n3net'])
-def test_training_step_under_autocast_matches_fp32(name):
-    """Gradients of one training step (fp32 loss on the fp32 output) and the BN statistics it updates."""
-    net = trained(name).train()
+def test_training_step_under_autocast_matches_fp32(name, device):
+    """Gradients of one training step (fp32 loss on the fp32 output) and the BN statistics it updates, in
+    bf16 on each device."""
+    net = trained(name).to(device).train()
     layers = NETWORKS[name][2]
-    x = smooth_images(4, 40, 40, seed=3)
-    noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    x = smooth_images(4, 40, 40, seed=3).to(device)
+    noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(device)
     grads, bn = {}, {}
     state = copy.deepcopy(net.state_dict())
     for low in (False, True):
         net.load_state_dict(state)
         net.zero_grad()
-        with torch.autocast('cpu', dtype=BF16, enabled=low):
+        with torch.autocast(device.type, dtype=BF16, enabled=low):
             out = net(noisy)
         ((out.float() - x)**2).mean().backward()
         grads[low] = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
