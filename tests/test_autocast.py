@@ -303,3 +303,29 @@ def test_training_step_under_autocast_matches_fp32(name, device):
     assert rel_err(grads[True], grads[False]) < tol(layers, passes=2)
     for a, b in zip(bn[True], bn[False]):     # BN statistics: fp32 buffers, batch statistics of bf16 inputs
         assert a.dtype == torch.float32 and rel_err(a, b) < tol(layers)
+
+
+@pytest.mark.parametrize('name', list(NETWORKS))
+def test_output_layer_runs_in_fp32_under_autocast(name, monkeypatch):
+    """The conv that writes the output (the residual added to the input) runs in fp32 under autocast
+    (``ops.amp.full_precision``), the other convs in the autocast dtype."""
+    net = NETWORKS[name][0]().eval()
+    x = smooth_images(1, *NETWORKS[name][1])
+    seen = []
+    if name.endswith('stream'):          # the row convs of the bands call F.conv2d with weights cast once
+        conv2d = nlrn_stream.F.conv2d
+
+        def spy(t, w, *args, **kw):
+            seen.append((w.shape[0] == 1, w.dtype))      # conv_last is the one conv with 1 output channel
+            return conv2d(t, w, *args, **kw)
+        monkeypatch.setattr(nlrn_stream.F, 'conv2d', spy)
+    else:
+        # N3Net: every stage is a residual DnCNN, whose last conv writes the stage's output
+        last = [st.conv_last for st in net.stages] if name == 'n3net' else [net.conv_last]
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):      # autocast makes a conv's output its dtype; fp32 only without it
+                m.register_forward_hook(lambda m, i, o: seen.append((any(m is c for c in last), o.dtype)))
+    with torch.no_grad(), autocast():
+        net(x)
+    assert any(is_last for is_last, _ in seen)
+    assert all(dtype == (torch.float32 if is_last else BF16) for is_last, dtype in seen), seen

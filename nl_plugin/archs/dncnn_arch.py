@@ -3,6 +3,8 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn as nn
 
+from nl_plugin.ops.amp import full_precision
+
 from .arch_util import add_first_channels, dncnn_init_, run_sequential
 
 
@@ -66,5 +68,5 @@ class DnCNN(nn.Module):
         """(N, num_in_ch, H, W) -> (N, num_out_ch, H, W)."""
         if x.dim() != 4 or x.shape[1] != self.num_in_ch:
             raise ValueError(f'DnCNN expects (N, {self.num_in_ch}, H, W) input, got shape {tuple(x.shape)}')
-        out = self.conv_last(run_sequential(self.body, self.relu(self.conv_first(x))))
+        out = full_precision(self.conv_last, run_sequential(self.body, self.relu(self.conv_first(x))))
         return add_first_channels(out, x) if self.residual else out

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from nl_plugin.archs.nlrn_layout import attach_range_marker
 from nl_plugin.archs.nlrn_stream import stream_forward
 from nl_plugin.archs.windowed_nonlocal_arch import WindowedNonLocalBlock
+from nl_plugin.ops.amp import full_precision
 from nl_plugin.ops.nlrn_attention import CorrelationState
 from nl_plugin.ops.nlrn_attention.router import Kernel, route_network
 
@@ -179,8 +180,8 @@ class NLRN(nn.Module):
         return conv(self.conv_first, self.bn_first(x))
 
     def head(self, x: torch.Tensor, s: torch.Tensor, conv: ConvFn = whole_image) -> torch.Tensor:
-        """x + conv_end(ReLU(BN_out(s))) (residual learning)."""
-        return x + conv(self.conv_last, F.relu(self.bn_last(s)))
+        """x + conv_end(ReLU(BN_out(s))) (residual learning); conv_end in fp32 under autocast (``full_precision``)."""
+        return x + full_precision(lambda t: conv(self.conv_last, t), F.relu(self.bn_last(s)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args:

@@ -19,6 +19,7 @@ import functools
 import torch
 from torch.nn import functional as F
 
+from nl_plugin.ops.amp import compute_dtype
 from nl_plugin.ops.nlrn_attention import window_attention_rows
 from nl_plugin.ops.nlrn_attention.common import window_geometry
 
@@ -41,10 +42,9 @@ class _Context:
         blk = net.nonlocal_blocks[0]
         self.py = window_geometry(self.h, self.x.shape[3], blk.window_size, 'exclude').py
         self.out = torch.empty_like(self.x)
+        # (conv, dtype) -> weights in the dtype the row convs run in (the autocast dtype, fp32 for the head):
+        # cast once, not again for every band
         self.weights = {}
-        # under autocast the row convs run in its dtype: keep their weights in it (not cast again every band)
-        dev = x.device.type
-        self.weight_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         self.logits = {}     # (non-local step index, first row of the band) -> carried logits of that band
 
     def conv_rows(self, conv, inp, lo, a, e):
@@ -53,10 +53,11 @@ class _Context:
         t = inp[:, :, max(a - 1, 0) - lo:min(e + 1, h) - lo]
         if a == 0 or e == h:
             t = F.pad(t, (0, 0, int(a == 0), int(e == h))).contiguous(memory_format=_CL)
-        if conv not in self.weights:
+        dtype = compute_dtype(t)        # the autocast dtype; fp32 for the head's full-precision conv
+        if (conv, dtype) not in self.weights:
             w = conv.weight.transpose(2, 3) if self.transpose else conv.weight
-            self.weights[conv] = w.to(self.weight_dtype or w.dtype).contiguous(memory_format=_CL)
-        return F.conv2d(t, self.weights[conv], conv.bias, padding=(0, 1))
+            self.weights[conv, dtype] = w.to(dtype).contiguous(memory_format=_CL)
+        return F.conv2d(t, self.weights[conv, dtype], conv.bias, padding=(0, 1))
 
     def row_conv(self, lo, a, e):
         """``ConvFn`` giving rows [a, e) from an input holding rows lo.."""

@@ -5,6 +5,8 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn as nn
 
+from nl_plugin.ops.amp import full_precision
+
 from .arch_util import add_first_channels, bicubic_upsample
 
 
@@ -59,5 +61,5 @@ class VDSR(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.num_in_ch:
             raise ValueError(f'VDSR expects (N, {self.num_in_ch}, H, W) input, got shape {tuple(x.shape)}')
         x = bicubic_upsample(x, self.upscale if upscale is None else upscale)
-        out = self.conv_last(self.body(self.relu(self.conv_first(x))))
+        out = full_precision(self.conv_last, self.body(self.relu(self.conv_first(x))))
         return add_first_channels(out, x) if self.residual else out
