@@ -2,20 +2,24 @@
 """PSNR cost of bf16 autocast on trained networks: bf16 vs fp32 inference, and bf16 vs fp32 training.
 
     python scripts/prepare_demo_data.py --out /tmp/bf16data
-    python scripts/precision_report.py --data /tmp/bf16data --work /tmp/bf16report --arch nlrn n3net
+    python scripts/precision_report.py --data /tmp/bf16data --work /tmp/bf16report --arch nlrn n3net --seeds 0 1
 
 For every architecture (a small NLRN in the window scope, a small N3Net) the script
 
-1. trains it twice through the ``basicsr train`` command on the demo data (sigma 25), with
-   ``train:precision: fp32`` and ``train:precision: bf16``: same seed, data, and iteration count
+1. trains it through the ``basicsr train`` command on the demo data (sigma 25) with ``train:precision: fp32``
+   and with ``train:precision: bf16``, once per seed of ``--seeds``: same data and iteration count
    (``--iters``); runs that already have their final weights are not repeated;
-2. evaluates both trained networks on the validation photos at full size, with the validation noise of
-   the data set (fixed by the image name): the fp32-trained network once in fp32 and once under
-   ``torch.autocast(dtype=torch.bfloat16)``, the bf16-trained one in fp32;
-3. prints one table per architecture: per-image PSNR (dB, float output clipped to [0, 1], no rounding,
-   so that differences far below one grey level show) of the noisy input, the fp32 network in fp32 and
-   in bf16 and the difference, and of the bf16-trained network; the worst per-image bf16 loss and the
-   mean difference of the two trainings. ``--json`` writes the figures.
+2. evaluates the trained networks on the validation photographs (camera, coins, astronaut) at their full
+   size from scikit-image (not the 256 px versions that training validates on), gray, with noise of sigma
+   25 fixed by the image name: each fp32-trained network once in fp32 and once under
+   ``torch.autocast(dtype=torch.bfloat16)``, each bf16-trained one in fp32;
+3. prints one table per architecture: per-image PSNR (dB, float output clipped to [0, 1], no rounding, so
+   that differences far below one grey level show) of the noisy input, of the fp32-trained networks in
+   fp32 and in bf16 and their difference, and of the bf16-trained networks and their difference from the
+   fp32-trained ones (each averaged over the seeds); then the worst per-image bf16 inference change, the
+   mean training difference, and the spread of fp32 training over the seeds (the yardstick for the
+   training difference: short trainings differ by a few tenths of a dB from seed to seed). ``--json``
+   writes the figures.
 
 Training uses the given number of threads (``OMP_NUM_THREADS``, default 2); expect a few minutes per run.
 """
@@ -67,8 +71,8 @@ def train_options(arch, precision, data, iters, seed=0):
     }
 
 
-def train(arch, precision, args):
-    opt = train_options(arch, precision, osp.abspath(args.data), args.iters, args.seed)
+def train(arch, precision, args, seed):
+    opt = train_options(arch, precision, osp.abspath(args.data), args.iters, seed)
     weights = osp.join(args.work, 'experiments', opt['name'], 'models', 'net_g_latest.pth')
     if osp.exists(weights):
         return weights
@@ -94,9 +98,22 @@ def load(arch, weights):
     return net.eval()
 
 
-def val_pairs(data):
+def full_size_val(work):
+    """The validation photographs at their full size from scikit-image, as PNG files in ``work/val_full``."""
+    import cv2
+    from prepare_demo_data import VAL, _load
+    folder = osp.join(work, 'val_full')
+    os.makedirs(folder, exist_ok=True)
+    for name in VAL:
+        path = osp.join(folder, f'{name}.png')
+        if not osp.exists(path):
+            cv2.imwrite(path, _load(name))
+    return folder
+
+
+def val_pairs(folder):
     from basicsr.data import build_dataset
-    ds = build_dataset({'name': 'demo_val', 'type': 'SyntheticNoiseDataset', 'dataroot_gt': osp.join(data, 'val'),
+    ds = build_dataset({'name': 'val_full', 'type': 'SyntheticNoiseDataset', 'dataroot_gt': folder,
                         'io_backend': {'type': 'disk'}, 'color': 'gray', 'sigma': 25, 'phase': 'val'})
     return [(osp.splitext(osp.basename(ds[i]['gt_path']))[0], ds[i]['lq'][None], ds[i]['gt'][None])
             for i in range(len(ds))]
@@ -113,34 +130,48 @@ def restore(net, lq, dtype):
         return net(lq).float()
 
 
-def evaluate(arch, w32, w16, pairs):
+def evaluate(arch, runs, pairs):
+    """Per-image PSNR of each seed's trained pair ``runs = [(fp32 weights, bf16 weights), ...]``, averaged over
+    the seeds, plus each seed's fp32-trained PSNR (for the spread over seeds)."""
     import torch
-    net32, net16 = load(arch, w32), load(arch, w16)
+    nets = [(load(arch, w32), load(arch, w16)) for w32, w16 in runs]
     rows = []
     for name, lq, gt in pairs:
-        p32 = psnr(restore(net32, lq, None), gt)
-        p16 = psnr(restore(net32, lq, torch.bfloat16), gt)
-        rows.append({'image': name, 'size': f'{gt.shape[3]}x{gt.shape[2]}', 'noisy': psnr(lq, gt), 'fp32': p32,
-                     'bf16': p16, 'bf16_minus_fp32': p16 - p32,
-                     'bf16_trained': psnr(restore(net16, lq, None), gt)})
-        rows[-1]['bf16_trained_minus_fp32_trained'] = rows[-1]['bf16_trained'] - p32
+        per_seed = []
+        for net32, net16 in nets:
+            p32 = psnr(restore(net32, lq, None), gt)
+            per_seed.append({'fp32': p32, 'bf16': psnr(restore(net32, lq, torch.bfloat16), gt),
+                             'bf16_trained': psnr(restore(net16, lq, None), gt)})
+        row = {'image': name, 'size': f'{gt.shape[3]}x{gt.shape[2]}', 'noisy': psnr(lq, gt)}
+        for key in ('fp32', 'bf16', 'bf16_trained'):
+            row[key] = sum(r[key] for r in per_seed) / len(per_seed)
+        row['bf16_minus_fp32'] = min(r['bf16'] - r['fp32'] for r in per_seed)      # the worst seed
+        row['bf16_trained_minus_fp32_trained'] = row['bf16_trained'] - row['fp32']
+        row['fp32_by_seed'] = [r['fp32'] for r in per_seed]
+        rows.append(row)
     return rows
 
 
-def print_table(arch, rows, iters):
-    print(f'\n{arch}: {ARCHS[arch]["network_g"]}, {iters} iterations, sigma 25, PSNR dB (float output)')
+def print_table(arch, rows, iters, seeds):
+    print(f'\n{arch}: {ARCHS[arch]["network_g"]}, {iters} iterations, seeds {seeds}, sigma 25, PSNR dB '
+          '(float output; the mean over the seeds, bf16-fp32 the worst seed)')
     print(f"{'image':<12}{'size':>9}{'noisy':>8}{'fp32':>9}{'bf16':>9}{'bf16-fp32':>11}"
           f"{'bf16-trained':>14}{'trained diff':>14}")
+    keys = ('noisy', 'fp32', 'bf16', 'bf16_minus_fp32', 'bf16_trained', 'bf16_trained_minus_fp32_trained')
     for r in rows:
         print(f"{r['image']:<12}{r['size']:>9}{r['noisy']:8.2f}{r['fp32']:9.3f}{r['bf16']:9.3f}"
               f"{r['bf16_minus_fp32']:11.4f}{r['bf16_trained']:14.3f}{r['bf16_trained_minus_fp32_trained']:14.3f}")
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k not in ('image', 'size')}
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     print(f"{'mean':<12}{'':>9}{mean['noisy']:8.2f}{mean['fp32']:9.3f}{mean['bf16']:9.3f}"
           f"{mean['bf16_minus_fp32']:11.4f}{mean['bf16_trained']:14.3f}{mean['bf16_trained_minus_fp32_trained']:14.3f}")
     worst = min(r['bf16_minus_fp32'] for r in rows)
+    seed_means = [sum(r['fp32_by_seed'][i] for r in rows) / len(rows) for i in range(len(seeds))]
+    spread = max(seed_means) - min(seed_means)
     print(f'worst per-image change from bf16 inference: {worst:+.4f} dB; bf16 training vs fp32 training, mean '
-          f"validation PSNR: {mean['bf16_trained_minus_fp32_trained']:+.3f} dB")
-    return {'rows': rows, 'mean': mean, 'worst_bf16_minus_fp32': worst}
+          f"PSNR: {mean['bf16_trained_minus_fp32_trained']:+.3f} dB; fp32 training over the seeds: mean PSNR "
+          f"{', '.join(f'{m:.3f}' for m in seed_means)} (spread {spread:.3f} dB)")
+    return {'rows': rows, 'mean': mean, 'worst_bf16_minus_fp32': worst, 'fp32_mean_by_seed': seed_means,
+            'fp32_seed_spread': spread}
 
 
 def main():
@@ -152,23 +183,23 @@ def main():
     ap.add_argument('--threads', type=int, default=int(os.environ.get('OMP_NUM_THREADS', 2)))
     ap.add_argument('--json', default=None, help='also write the figures to this JSON file')
     ap.add_argument('--train_only', default=None, choices=['fp32', 'bf16'], help='only run this training and stop')
-    ap.add_argument('--seed', type=int, default=0, help='manual_seed of the trainings (the spread of short runs '
-                    'over seeds is the yardstick for the bf16-vs-fp32 training difference)')
+    ap.add_argument('--seeds', type=int, nargs='+', default=[0], help='manual_seed of each training pair (the '
+                    'spread of short runs over seeds is the yardstick for the bf16-vs-fp32 training difference)')
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     if args.train_only:
-        for arch in args.arch:
-            train(arch, args.train_only, args)
+        for arch, seed in ((a, sd) for a in args.arch for sd in args.seeds):
+            train(arch, args.train_only, args, seed)
         return
     import torch
 
     import nl_plugin  # noqa: F401  (registers the architectures, applies the BasicSR fixes)
     torch.set_num_threads(args.threads)
-    pairs = val_pairs(osp.abspath(args.data))
+    pairs = val_pairs(full_size_val(args.work))
     report = {}
     for arch in args.arch:
-        w32, w16 = train(arch, 'fp32', args), train(arch, 'bf16', args)
-        report[arch] = print_table(arch, evaluate(arch, w32, w16, pairs), args.iters)
+        runs = [(train(arch, 'fp32', args, seed), train(arch, 'bf16', args, seed)) for seed in args.seeds]
+        report[arch] = print_table(arch, evaluate(arch, runs, pairs), args.iters, args.seeds)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(report, f, indent=1)
