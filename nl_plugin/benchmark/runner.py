@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+from ..fileio import atomic_write
 from ..utils import run_process_group
 from .network_cases import CASES as NETWORK_CASES
 from .op_cases import OP_CASES
@@ -221,7 +222,6 @@ def main():
 
 
 def write_json(path, meta, results):
-    from nl_plugin.fileio import atomic_write
     doc = {'meta': meta, 'results': results, 'ratios': dict(ratios(results))}
     atomic_write(path, lambda f: json.dump(doc, f, indent=1), mode='w')
 

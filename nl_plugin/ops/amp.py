@@ -47,7 +47,7 @@ def full_precision(fn, x: torch.Tensor) -> torch.Tensor:
     weights to bf16 moves the output by a fraction of a grey level that the PSNR sees: on N3Nets trained
     300 iterations on the demo photographs (``scripts/precision_report.py``), the last conv in bf16 alone
     changed the PSNR of a 512x512 photograph by up to -0.09 dB, and nothing else did; in fp32 the change is
-    +0.01 dB. With one or three output channels it is a small share of the flops.
+    +0.01 dB. With one to eight output channels it is a small share of the flops.
     """
     dev = x.device.type
     if not torch.is_autocast_enabled(dev):
