@@ -252,3 +252,10 @@ def remove_stale_temp_files(folder: str | os.PathLike, names: list[str] | None =
         finally:
             os.close(fd)
     return stale
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a temporary file in ``folder``; raises the ``OSError`` of a folder that takes none."""
+    fd, tmp = _create_temp(os.path.join(os.fspath(folder), 'write-check'))
+    os.close(fd)
+    os.remove(tmp)
