@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -261,18 +262,18 @@ def write_image(path: str, img: np.ndarray, dtype: np.dtype, alpha: np.ndarray |
     return dtype
 
 
-def bgr_to_ycbcr(img):
+def bgr_to_ycbcr(img: np.ndarray) -> np.ndarray:
     """(H, W, 3) BGR in [0, 1] -> MATLAB-style YCbCr in [16, 240] / 255 (BasicSR's ``bgr2ycbcr``)."""
     from basicsr.utils import bgr2ycbcr
     return bgr2ycbcr(img.astype(np.float32), y_only=False).astype(np.float32)
 
 
-def ycbcr_to_bgr(img):
+def ycbcr_to_bgr(img: np.ndarray) -> np.ndarray:
     from basicsr.utils.color_util import ycbcr2bgr
     return ycbcr2bgr(img.astype(np.float32)).astype(np.float32)
 
 
-def resize(img, scale):
+def resize(img: np.ndarray | None, scale: int) -> np.ndarray | None:
     """MATLAB-compatible bicubic resize (BasicSR's ``imresize``, as ``BicubicDegradationDataset`` uses)."""
     if scale == 1 or img is None:
         return img
@@ -282,7 +283,8 @@ def resize(img, scale):
     return out[:, :, 0] if squeeze else out
 
 
-def to_planes(img, color, net_ch):
+def to_planes(img: np.ndarray, color: str,
+              net_ch: int) -> tuple[list[np.ndarray], Callable[[list[np.ndarray], int], np.ndarray]]:
     """Split an image into the network inputs and say how to put the outputs back together.
 
     Args:
@@ -317,7 +319,7 @@ def to_planes(img, color, net_ch):
     return [img[:, :, i:i + 1] for i in range(3)], lambda outs, s: np.concatenate(outs, axis=2)
 
 
-def list_images(src):
+def list_images(src: str) -> list[str]:
     """The image files of a file or folder (sorted; a folder's subfolders are not searched)."""
     if os.path.isdir(src):
         files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.lower().endswith(IMAGE_EXTS))
