@@ -396,3 +396,25 @@ def test_output_folder_problems_stop_before_any_work_and_a_folder_is_never_repla
             subprocess.run(['umount', str(ro)], capture_output=True, check=False)
         else:
             ro.chmod(0o700)
+
+
+def test_val_tile_auto_reads_the_same_declaration(tmp_path):
+    """``val: tile: auto`` (basicsr test / validation) tiles as the architecture declares, like infer."""
+    from basicsr.models import build_model
+
+    from nl_plugin.ops.tiling import tiled_forward
+    spec = {'type': 'NLRN', 'num_feat': 8, 'num_embed': 4, 'num_steps': 1}
+    opt = {'name': 'auto_tile', 'model_type': 'RestorationModel', 'is_train': False, 'dist': False, 'num_gpu': 0,
+           'rank': 0, 'world_size': 1, 'scale': 1, 'network_g': dict(spec), 'path': {},
+           'val': {'tile': 'auto', 'metrics': {}}}
+    model = build_model(opt)
+    x = torch.rand(1, 1, 60, 50)
+    model.feed_data({'lq': x})
+    model.test()
+    net = model.net_g.eval()
+    with torch.no_grad():
+        ref = tiled_forward(net, x, 45, overlap=22)
+        whole = net(x)
+    assert torch.equal(model.output, ref) and not torch.allclose(model.output, whole)
+    with pytest.raises(ValueError, match="val:tile must be .* or 'auto', got 'atuo'"):
+        build_model(dict(opt, val={'tile': 'atuo', 'metrics': {}}))
