@@ -6,8 +6,14 @@
     python -m nl_plugin.infer ...                                                  # the same
 
 The weight file names its architecture (``nl_plugin.weights``); ``--arch``/``--arch-opt`` cover files
-that do not. Memory is bounded for any image size: NLRN's window scope streams the image by itself,
-everything else runs in overlapping tiles (``nl_plugin.ops.tiling.tiled_forward``) once it is large.
+that do not. The network's memory is bounded for any image size: each architecture declares its tiles
+(``auto_tile``; NLRN's window scope streams the image by itself), the others run in overlapping tiles
+(``nl_plugin.ops.tiling.tiled_forward``) once large. The decoded image itself is whole (OpenCV decodes whole
+images): ``--max-pixels`` refuses larger ones from their header, before decoding.
+
+Outputs go to a hidden temporary file in the output folder and are renamed into place (``nl_plugin.fileio``);
+without ``--overwrite`` the rename refuses a name that exists, also one a concurrent run made meanwhile.
+The default precision is fp32, the result of ``basicsr test``; ``--precision bf16|auto`` is opt-in.
 """
 import argparse
 import errno
@@ -316,6 +322,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             if os.path.isdir(dst):
                 raise InferError(f'{dst}: is a folder; not replaced')
+            if not args.overwrite and os.path.lexists(dst):     # spares the work; the rename decides
+                raise fileio.FileExistsWriteError(f'{dst} exists (written by another process meanwhile?); '
+                                                  'this one was not written')
             img, dtype, alpha = image_io.read_image(src, args.max_pixels or None)
             out = restorer.restore(img)
             if alpha is not None:
