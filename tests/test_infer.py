@@ -280,9 +280,16 @@ def test_a_file_another_run_wrote_meanwhile_is_kept_and_named(tmp_path, model, c
     assert sorted(os.listdir(tmp_path / 'out')) == ['a.png', 'b.png', 'c.png']
 
 
+def _limit_file_size_and_set_umask():
+    import resource
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    os.umask(0o027)
+
+
 def test_full_disk_by_file_size_limit_is_one_line_and_no_torn_file(tmp_path, model):
-    """ulimit -f: the image too large for it gets one line, the small one is written, no temporary file stays."""
-    resource = pytest.importorskip('resource')
+    """ulimit -f: the image too large for it gets one line, the small one is written, no temporary file stays.
+    The output's mode is what the umask gives a plain open() (0640 under 027), not mkstemp's 0600."""
+    pytest.importorskip('resource')
     _, path = model
     os.makedirs(tmp_path / 'in')
     rng = np.random.default_rng(8)
@@ -292,12 +299,13 @@ def test_full_disk_by_file_size_limit_is_one_line_and_no_torn_file(tmp_path, mod
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONDONTWRITEBYTECODE='1')
     r = subprocess.run([basicsr_cmd(), 'infer', '--model', path, '--input', str(tmp_path / 'in'), '--output',
                         str(tmp_path / 'out')], capture_output=True, text=True, env=env, timeout=300,
-                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)))
+                       preexec_fn=_limit_file_size_and_set_umask)
     assert r.returncode == 1, r.stderr[-2000:]
     assert 'Traceback' not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if 'error' in ln]
     assert errors == [f'basicsr infer: error: {tmp_path / "out" / "big.png"}: cannot be written (File too large)']
     assert os.listdir(tmp_path / 'out') == ['small.png']
+    assert os.stat(tmp_path / 'out' / 'small.png').st_mode & 0o777 == 0o640
 
 
 def test_full_disk_stops_with_one_line_and_no_torn_file(tmp_path, model, capsys):
