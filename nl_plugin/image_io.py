@@ -322,7 +322,11 @@ def to_planes(img: np.ndarray, color: str,
 def list_images(src: str) -> list[str]:
     """The image files of a file or folder (sorted; a folder's subfolders are not searched)."""
     if os.path.isdir(src):
-        files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.lower().endswith(IMAGE_EXTS))
+        try:
+            names = os.listdir(src)
+        except OSError as err:
+            raise ImageError(f'{src}: cannot be listed ({err.strerror or err})') from None
+        files = sorted(os.path.join(src, f) for f in names if f.lower().endswith(IMAGE_EXTS))
         if not files:
             raise ImageError(f'{src}: no image files ({", ".join(IMAGE_EXTS)}) in this folder')
         return files
