@@ -190,7 +190,10 @@ def read_image(path: str, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarr
         data = np.fromfile(path, dtype=np.uint8)
         img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error as err:
-        raise ImageError(f'{path}: cannot be decoded (OpenCV: {_cv2_reason(err)})') from None
+        reason = _cv2_reason(err)
+        hint = ('; OpenCV decodes at most 2**30 pixels unless OPENCV_IO_MAX_IMAGE_PIXELS is set in the environment'
+                if 'CV_IO_MAX_IMAGE_PIXELS' in reason else '')
+        raise ImageError(f'{path}: cannot be decoded (OpenCV: {reason}){hint}') from None
     except OSError as err:
         raise ImageError(f'{path}: cannot be read ({err.strerror or err})') from None
     if img is None:

@@ -356,6 +356,7 @@ def test_image_bombs_are_refused_from_the_header_and_decoder_errors_stay_per_fil
                  '--max-pixels', '0') == 1
     (line,) = _errors(capsys)
     assert line.startswith(f'basicsr infer: error: {tmp_path / "in" / "bomb.png"}: cannot be decoded (OpenCV: ')
+    assert line.endswith('unless OPENCV_IO_MAX_IMAGE_PIXELS is set in the environment')
 
 
 def test_header_sizes_of_every_format(tmp_path):
