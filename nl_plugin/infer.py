@@ -119,6 +119,11 @@ class Restorer:
         tile (str | tuple | None): ``'auto'`` (the architecture's ``auto_tile``), ``(size, overlap)`` or None.
         tile_batch (int): Tiles per network call.
         self_ensemble (bool): Mean over the 8 flips/rotations.
+
+    Example::
+
+        net, spec, loaded = nl_plugin.weights.load_network('net_g_latest.pth')
+        restored = Restorer(net, spec, loaded.pipeline, device='cpu').restore(image_io.read_image(path)[0])
     """
 
     def __init__(self, net: torch.nn.Module, spec: dict, pipeline: Optional[dict] = None, *,
