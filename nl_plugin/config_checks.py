@@ -12,12 +12,13 @@ import inspect
 import math
 import os
 import random
+from typing import Any, Callable, Collection, Mapping, Optional
 
 import numpy as np
 import torch
 
 
-def check_kwargs(fn, kwargs, where, positional=0):
+def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str, positional: int = 0) -> None:
     """Raise ``KeyError`` naming unknown keys of ``kwargs``, or required arguments of ``fn`` it lacks.
 
     Args:
@@ -47,7 +48,8 @@ def _yaml_text_hint(value):
     return ' (YAML reads a number such as 1e5 without a dot as text: write 1.0e5)' if isinstance(value, str) else ''
 
 
-def positive_int(section, key, where, minimum=1, default=None):
+def positive_int(section: Mapping[str, Any], key: str, where: str, minimum: int = 1,
+                 default: Optional[int] = None) -> int:
     """``section[key]`` as an int >= ``minimum`` (integral floats accepted, as BasicSR calls ``int()``)."""
     if key not in section or section[key] is None:
         if default is not None:
@@ -61,7 +63,7 @@ def positive_int(section, key, where, minimum=1, default=None):
     return int(value)
 
 
-def non_negative_number(section, key, where):
+def non_negative_number(section: Mapping[str, Any], key: str, where: str) -> float:
     """``section[key]`` as a finite float >= 0."""
     value = section.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
@@ -88,7 +90,7 @@ def _check_registry_entry(registry, entry, where, positional=0):
     check_kwargs(obj, kwargs, f'{where} ({entry["type"]})', positional=positional)
 
 
-def check_optimizer(optim, supported, ignore=()):
+def check_optimizer(optim: Any, supported: Mapping[str, Callable], ignore: Collection[str] = ()) -> None:
     """``train:optim_g``: a supported optimizer type (``supported`` maps names to classes), its keys, and a
     positive ``lr``."""
     if not isinstance(optim, dict) or optim.get('type') not in supported:
@@ -101,7 +103,7 @@ def check_optimizer(optim, supported, ignore=()):
     non_negative_number(optim, 'lr', 'train:optim_g')
 
 
-def check_scheduler(sched, extra=()):
+def check_scheduler(sched: Any, extra: Collection[str] = ()) -> None:
     """``train:scheduler``: one of BasicSR's schedulers (or a name in ``extra``) with valid keys."""
     from basicsr.models import lr_scheduler
     classes = {'MultiStepLR': lr_scheduler.MultiStepRestartLR, 'MultiStepRestartLR': lr_scheduler.MultiStepRestartLR,
@@ -116,7 +118,7 @@ def check_scheduler(sched, extra=()):
                  positional=1)
 
 
-def check_options(opt):
+def check_options(opt: dict) -> None:
     """Check every option BasicSR reads without a default; raise ``KeyError``/``ValueError``/``FileNotFoundError``."""
     from basicsr.utils.registry import LOSS_REGISTRY, METRIC_REGISTRY
     is_train = bool(opt.get('is_train'))
@@ -171,7 +173,7 @@ def _rng_untouched():
     np.random.set_state(state[1])
 
 
-def input_channels(net):
+def input_channels(net: torch.nn.Module) -> Optional[int]:
     """in_channels of the first conv / BN of ``net`` (as ``RestorationModel`` checks its inputs), or None."""
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
@@ -181,7 +183,7 @@ def input_channels(net):
     return None
 
 
-def output_channels(net_opt, arch):
+def output_channels(net_opt: Mapping[str, Any], arch: Callable) -> Optional[int]:
     """``num_out_ch`` of a network's options, or its constructor default; None if the arch has no such key."""
     if 'num_out_ch' in net_opt:
         return net_opt['num_out_ch']
@@ -200,7 +202,8 @@ def _check_crop(phase, dataset):
                          f'{source.describe(path)} ({h}x{w}); lower gt_size or remove them')
 
 
-def check_data(datasets, net=None, out_ch=None, full=False):
+def check_data(datasets: Mapping[str, Any], net: Optional[torch.nn.Module] = None, out_ch: Optional[int] = None,
+               full: bool = False) -> None:
     """Compare built datasets with the network before any folder exists.
 
     Args:

@@ -6,18 +6,28 @@
     python -m nl_plugin.infer ...                                                  # the same
 
 The weight file names its architecture (``nl_plugin.weights``); ``--arch``/``--arch-opt`` cover files
-that do not. Memory is bounded for any image size: NLRN's window scope streams the image by itself,
-everything else runs in overlapping tiles (``nl_plugin.ops.tiling.tiled_forward``) once it is large.
+that do not. The network's memory is bounded for any image size: each architecture declares its tiles
+(``auto_tile``; NLRN's window scope streams the image by itself), the others run in overlapping tiles
+(``nl_plugin.ops.tiling.tiled_forward``) once large. The decoded image itself is whole (OpenCV decodes whole
+images): ``--max-pixels`` refuses larger ones from their header, before decoding.
+
+Outputs go to a hidden temporary file in the output folder and are renamed into place (``nl_plugin.fileio``);
+without ``--overwrite`` the rename refuses a name that exists, also one a concurrent run made meanwhile.
+The default precision is fp32, the result of ``basicsr test``; ``--precision bf16|auto`` is opt-in.
 """
 import argparse
+import errno
 import os
 import sys
 import time
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from nl_plugin import image_io
+from nl_plugin import fileio, image_io
+from nl_plugin.archs.arch_util import auto_tile
+from nl_plugin.models.precision import autocast, resolve_precision
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
 from nl_plugin.utils import key_value_arg
 
@@ -28,7 +38,10 @@ class InferError(ValueError):
     """A bad option or input (one-line message naming it)."""
 
 
-def _tile_arg(text):
+Tile = Union[str, None, Tuple[int, int]]
+
+
+def _tile_arg(text: str) -> Tile:
     text = str(text).strip().lower()
     if text in ('auto', 'none', '0', 'off'):
         return text if text == 'auto' else None
@@ -42,8 +55,7 @@ def _tile_arg(text):
     return size, overlap if overlap is not None else size // 8
 
 
-
-def build_parser(parser=None):
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     """The ``infer`` argument parser (also used as the ``basicsr infer`` subparser)."""
     p = parser or argparse.ArgumentParser(prog='basicsr infer', description=_DESCRIPTION)
     p.add_argument('--model', required=True, metavar='FILE', help='weight file (.pth or .safetensors)')
@@ -54,14 +66,17 @@ def build_parser(parser=None):
                    help='constructor argument overriding the file\'s (YAML value), e.g. nl_scope=window; repeatable')
     p.add_argument('--param-key', metavar='KEY', help='state dict to use (default: params_ema if present, else params)')
     p.add_argument('--tile', type=_tile_arg, default='auto', metavar='SIZE[:OVERLAP]',
-                   help='tile size and overlap in input pixels; 0 = whole image; auto (default): NLRN global '
-                        'scope 45:22, window scope untiled (streams) below 2048 px, others 512:64 above 1024 px')
+                   help='tile size and overlap in input pixels; 0 = whole image; auto (default): as the '
+                        'architecture declares (auto_tile): NLRN global scope 45:22, window scope untiled (streams) '
+                        'below 2048 px, others 512:64 (N3Net 512:96) above 1024 px')
     p.add_argument('--tile-batch', type=int, default=1, metavar='N', help='tiles per network call (default: 1)')
     p.add_argument('--color', choices=image_io.COLOR_MODES,
                    help='colour photo into a 1-channel network: gray (output gray), y (restore Y, keep Cb/Cr) or '
                         'rgb (each channel in turn). Default: y with --scale or for a Y-trained model, else rgb')
-    p.add_argument('--precision', choices=('auto', 'fp32', 'bf16'), default='auto',
-                   help='bf16 autocast; auto = bf16 where the CPU has AMX/avx512_bf16 or the GPU supports it')
+    p.add_argument('--precision', choices=('fp32', 'bf16', 'auto'), default='fp32',
+                   help='fp32 (default: the result of basicsr test), bf16 autocast (faster, a few hundredths of '
+                        'a dB lower; see the README), or auto = bf16 where the CPU has AMX/avx512_bf16 or the '
+                        'GPU runs bf16 natively')
     p.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda or cuda:N')
     p.add_argument('--self-ensemble', action='store_true', help='mean over the 8 flips/rotations (NLRN-MV)')
     p.add_argument('--scale', type=int, default=1,
@@ -69,20 +84,14 @@ def build_parser(parser=None):
     p.add_argument('--suffix', default='', help='appended to each output file name (before the extension)')
     p.add_argument('--ext', default=None, help='output format, e.g. png or tif (default: the input\'s)')
     p.add_argument('--overwrite', action='store_true', help='replace existing output files')
+    p.add_argument('--max-pixels', type=int, default=image_io.MAX_PIXELS, metavar='N',
+                   help=f'refuse images of more than N pixels, read from the file header before decoding '
+                        f'(default: {image_io.MAX_PIXELS}, as Pillow; 0 = no limit)')
     return p
 
 
-def cpu_has_bf16():
-    """Whether the CPU has native bf16 arithmetic (AMX or AVX512-BF16), from /proc/cpuinfo's flags."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
-    except OSError:
-        return False
-    return bool({'amx_bf16', 'avx512_bf16'} & set(flags))
-
-
-def resolve_device(name):
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; one-line error otherwise."""
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try:
@@ -94,59 +103,72 @@ def resolve_device(name):
     return device
 
 
-def resolve_precision(name, device):
-    if name != 'auto':
-        return name
-    if device.type == 'cuda':
-        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
-    return 'bf16' if device.type == 'cpu' and cpu_has_bf16() else 'fp32'
-
-
-def auto_tile(spec, h, w):
-    """Default (size, overlap) for an image of h x w under the arch spec, or None for one pass."""
-    kind = spec['type']
-    if kind == 'NLRN':
-        if spec.get('nl_scope') == 'window' and spec.get('border', 'exclude') == 'exclude':
-            return (2048, 128) if min(h, w) > 2048 else None
-        if spec.get('nl_scope') == 'window':     # circular border: no streaming, logits of the whole image
-            return (512, 128) if max(h, w) > 512 else None
-        return 45, 22   # global scope: the attention extent it was trained on (official protocol: 45:38)
-    if max(h, w) <= 1024:
-        return None
-    return 512, 96 if kind == 'N3Net' else 64
-
-
 class Restorer:
     """A network and how to run it on one image: colour planes, SR upsampling, tiles, ensemble, precision.
 
     Args:
-        net (nn.Module): The network (eval mode).
-        spec (dict): Its arch spec.
-        pipeline (dict): ``residual_learning`` and the training ``color`` (from the weight file).
-        args (argparse.Namespace): The ``infer`` options.
+        net (nn.Module): The network.
+        spec (dict): Its arch spec (``{'type': ..., **kwargs}``).
+        pipeline (dict, optional): ``residual_learning`` and the training ``color`` (from the weight file).
+        device (str | torch.device): ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision (str): ``fp32`` (default: the result of ``basicsr test``), ``bf16``, ``fp16`` or ``auto``
+            (bf16 where the hardware runs it natively; ``nl_plugin.models.precision.resolve_precision``).
+        color (str, optional): ``gray``, ``y`` or ``rgb`` for a colour image into a 1-channel network.
+            Default: ``y`` for SR or a Y-trained model, else ``rgb``.
+        scale (int): SR: bicubic upsampling of the input before a network that does not upscale itself.
+        tile (str | tuple | None): ``'auto'`` (the architecture's ``auto_tile``), ``(size, overlap)`` or None.
+        tile_batch (int): Tiles per network call.
+        self_ensemble (bool): Mean over the 8 flips/rotations.
+
+    Example::
+
+        net, spec, loaded = nl_plugin.weights.load_network('net_g_latest.pth')
+        restored = Restorer(net, spec, loaded.pipeline, device='cpu').restore(image_io.read_image(path)[0])
     """
 
-    def __init__(self, net, spec, pipeline, args):
-        self.device = resolve_device(args.device)
+    def __init__(self, net: torch.nn.Module, spec: dict, pipeline: Optional[dict] = None, *,
+                 device: Union[str, torch.device] = 'auto', precision: str = 'fp32', color: Optional[str] = None,
+                 scale: int = 1, tile: Tile = 'auto', tile_batch: int = 1, self_ensemble: bool = False) -> None:
+        pipeline = pipeline or {}
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.net = net.to(self.device).eval()
-        self.spec, self.args = spec, args
+        self.spec, self.tile, self.tile_batch, self.self_ensemble = spec, tile, int(tile_batch), bool(self_ensemble)
+        if self.tile_batch < 1:
+            raise InferError(f'--tile-batch must be >= 1, got {tile_batch}')
         self.residual = bool(pipeline.get('residual_learning'))
         self.net_scale = int(getattr(net, 'upscale', 1) or 1)
         self.net_ch = int(getattr(net, 'num_in_ch', 0) or self._first_in_channels(net))
         if getattr(net, 'num_noise_ch', 0):
-            raise InferError(f'{args.model}: the network also takes {net.num_noise_ch} noise-map channels, '
+            raise InferError(f'the network also takes {net.num_noise_ch} noise-map channels, '
                              'which basicsr infer cannot supply')
-        if args.scale < 1:
-            raise InferError(f'--scale must be >= 1, got {args.scale}')
-        if self.net_scale > 1 and args.scale not in (1, self.net_scale):
-            raise InferError(f'--scale {args.scale}: the network upscales by {self.net_scale} itself')
-        self.pre_scale = args.scale if self.net_scale == 1 else 1
+        if scale < 1:
+            raise InferError(f'--scale must be >= 1, got {scale}')
+        if self.net_scale > 1 and scale not in (1, self.net_scale):
+            raise InferError(f'--scale {scale}: the network upscales by {self.net_scale} itself')
+        self.pre_scale = scale if self.net_scale == 1 else 1
         self.out_scale = self.pre_scale * self.net_scale
         # a gray-trained denoiser meets a colour photo one channel at a time; Y-trained and SR models see Y
-        self.color = args.color or ('y' if self.out_scale > 1 or pipeline.get('color') == 'y' else 'rgb')
+        self.color = color or ('y' if self.out_scale > 1 or pipeline.get('color') == 'y' else 'rgb')
+        if self.color not in image_io.COLOR_MODES:
+            raise InferError(f'--color must be one of {image_io.COLOR_MODES}, got {self.color!r}')
         if self.net_ch == 3 and self.color != 'rgb':
             raise InferError(f'--color {self.color}: {spec["type"]} takes 3 channels (RGB); use --color rgb')
-        self.precision = resolve_precision(args.precision, self.device)
+        try:
+            self.dtype, self.precision_reason = resolve_precision(precision, self.device)
+        except ValueError as err:
+            raise InferError(f'--precision: {err}') from None
+
+    @classmethod
+    def from_args(cls, net: torch.nn.Module, spec: dict, pipeline: Optional[dict],
+                  args: argparse.Namespace) -> 'Restorer':
+        """The restorer the ``infer`` command line describes."""
+        return cls(net, spec, pipeline, device=args.device, precision=args.precision, color=args.color,
+                   scale=args.scale, tile=args.tile, tile_batch=args.tile_batch, self_ensemble=args.self_ensemble)
+
+    @property
+    def precision(self) -> str:
+        """``fp32``, ``bf16`` or ``fp16``: what the network runs in now."""
+        return {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[self.dtype]
 
     @staticmethod
     def _first_in_channels(net):
@@ -166,33 +188,35 @@ class Restorer:
         if tile:
             size, overlap = tile
             fn = lambda t: tiled_forward(self._call, t, size, overlap=overlap,  # noqa: E731
-                                         tile_batch=self.args.tile_batch, scale=self.net_scale)
-        if self.args.self_ensemble:
+                                         tile_batch=self.tile_batch, scale=self.net_scale)
+        if self.self_ensemble:
             return self_ensemble(fn, x)
         return fn(x)
 
     def _forward(self, x, tile):
-        if self.precision == 'bf16':
+        if self.dtype is not None:
             try:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                with autocast(self.device, self.dtype):
                     out = self._run_plane(x, tile)
                 if torch.isfinite(out).all():
                     return out
                 reason = 'non-finite output'
             except (RuntimeError, NotImplementedError, TypeError) as err:
+                if _out_of_memory(err):
+                    raise
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f'basicsr infer: warning: {self.spec["type"]} does not run under bf16 autocast ({reason}); '
-                  'using fp32', file=sys.stderr)
-            self.precision = 'fp32'
+            print(f'basicsr infer: warning: {self.spec["type"]} does not run under {self.precision} autocast '
+                  f'({reason}); using fp32', file=sys.stderr)
+            self.dtype = None
         return self._run_plane(x, tile)
 
     @torch.no_grad()
-    def restore(self, img):
+    def restore(self, img: np.ndarray) -> np.ndarray:
         """(H, W, C) BGR float image -> restored (H*s, W*s, C') BGR float image."""
         img = image_io.resize(img, self.pre_scale)
         planes, merge = image_io.to_planes(img, self.color, self.net_ch)
         h, w = img.shape[:2]
-        tile = auto_tile(self.spec, h, w) if self.args.tile == 'auto' else self.args.tile
+        tile = auto_tile(self.net, h, w) if self.tile == 'auto' else self.tile
         outs = []
         for plane in planes:
             x = torch.from_numpy(np.ascontiguousarray(plane.transpose(2, 0, 1)))[None].to(self.device)
@@ -200,65 +224,145 @@ class Restorer:
         return merge(outs, self.net_scale)     # the planes were upsampled by pre_scale already
 
 
-def plan_outputs(inputs, args):
-    """Output path of every input; refuses existing files (unless ``--overwrite``) and name clashes."""
-    ext = None if not args.ext else '.' + args.ext.lower().lstrip('.')
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation (torch raises RuntimeError on the CPU, OutOfMemoryError on CUDA)."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or 'out of memory' in text)
+
+
+def plan_outputs(inputs: List[str], output: str, suffix: str = '', ext: Optional[str] = None,
+                 overwrite: bool = False) -> List[str]:
+    """Output path of every input; refuses existing files (unless ``overwrite``) and name clashes.
+
+    The check here only spares a run that could write nothing; whether a file is replaced is decided again
+    where it is written (``nl_plugin.fileio``), so a file another run makes meanwhile is never replaced.
+    """
+    ext = None if not ext else '.' + ext.lower().lstrip('.')
     if ext and ext not in image_io.IMAGE_EXTS:
-        raise InferError(f'--ext: unsupported format {args.ext!r} (one of {", ".join(image_io.IMAGE_EXTS)})')
+        raise InferError(f'--ext: unsupported format {ext[1:]!r} (one of {", ".join(image_io.IMAGE_EXTS)})')
     outs, seen = [], {}
     for src in inputs:
         stem, src_ext = os.path.splitext(os.path.basename(src))
-        dst = os.path.join(args.output, f'{stem}{args.suffix}{ext or src_ext.lower()}')
+        dst = os.path.join(output, f'{stem}{suffix}{ext or src_ext.lower()}')
         if dst in seen:
             raise InferError(f'{src} and {seen[dst]} would both be written to {dst}; use --ext or separate runs')
         seen[dst] = src
         outs.append(dst)
-    existing = [d for d in outs if os.path.exists(d)]
-    if existing and not args.overwrite:
+    existing = [d for d in outs if os.path.lexists(d)]
+    if existing and not overwrite:
         more = f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''
         raise InferError(f'{existing[0]} exists{more}; nothing was written (use --overwrite to replace)')
     return outs
 
 
-def run(args):
+def check_output_folder(folder: str) -> None:
+    """One-line :class:`InferError` if ``folder`` cannot receive the results; creates nothing."""
+    if os.path.exists(folder):
+        if not os.path.isdir(folder):
+            raise InferError(f'--output {folder}: exists and is not a folder')
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InferError(f'--output {folder}: not writable (permissions or a read-only filesystem)')
+        return
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InferError(f'--output {folder}: cannot be created, {parent} is not a folder')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InferError(f'--output {folder}: cannot be created in {parent} (permissions or a read-only filesystem)')
+
+
+def prepare_output_folder(folder: str, outputs: List[str]) -> List[str]:
+    """Create ``folder``, try a write there, and remove the temporary files a killed run left for ``outputs``.
+
+    Returns:
+        list[str]: The removed temporary files.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fileio.check_writable(folder)
+    except OSError as err:
+        raise InferError(f'--output {folder}: cannot be written ({err.strerror or err})') from None
+    return [os.path.join(folder, n) for n in fileio.remove_stale_temp_files(folder, names=outputs)]
+
+
+def _write_failure(err: fileio.WriteError, dst: str) -> Tuple[str, bool]:
+    """The one-line message of a failed output and whether the batch stops (no space left for any file)."""
+    cause = err.__cause__ if isinstance(err.__cause__, OSError) else None
+    if cause is None:
+        return str(err), False
+    full = cause.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC))
+    return f'{dst}: cannot be written ({cause.strerror or cause})', full
+
+
+def run(args: argparse.Namespace) -> int:
     """Restore every input image; returns the process exit status (1 if some image failed)."""
     from tqdm import tqdm
 
     from nl_plugin import weights
     if args.tile_batch < 1:
         raise InferError(f'--tile-batch must be >= 1, got {args.tile_batch}')
+    if args.max_pixels < 0:
+        raise InferError(f'--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}')
     inputs = image_io.list_images(args.input)
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise InferError(f'--output {args.output}: exists and is not a folder')
-    outputs = plan_outputs(inputs, args)
+    check_output_folder(args.output)
+    outputs = plan_outputs(inputs, args.output, args.suffix, args.ext, args.overwrite)
     net, spec, loaded = weights.load_network(args.model, args.arch, dict(args.arch_opt), args.param_key)
-    restorer = Restorer(net, spec, loaded.pipeline, args)
-    os.makedirs(args.output, exist_ok=True)
-    print(f'{weights.describe(spec)} from {args.model} on {restorer.device} ({restorer.precision}), '
+    try:
+        restorer = Restorer.from_args(net, spec, loaded.pipeline, args)
+    except InferError as err:
+        raise InferError(f'{args.model}: {err}') from None
+    for stale in prepare_output_folder(args.output, outputs):
+        print(f'basicsr infer: removed {stale}, left by an interrupted run', file=sys.stderr)
+    why = '' if restorer.precision_reason == 'set in the options' else f', {restorer.precision_reason}'
+    print(f'{weights.describe(spec)} from {args.model} on {restorer.device} ({restorer.precision}{why}), '
           f'colour {restorer.color}, {len(inputs)} image(s)', file=sys.stderr)
     failed = 0
     bar = tqdm(list(zip(inputs, outputs)), unit='image', dynamic_ncols=True, file=sys.stderr)
-    for src, dst in bar:
+    for i, (src, dst) in enumerate(bar):
         start = time.perf_counter()
+        stop = False
         try:
-            img, dtype, alpha = image_io.read_image(src)
+            if os.path.isdir(dst):
+                raise InferError(f'{dst}: is a folder; not replaced')
+            if not args.overwrite and os.path.lexists(dst):     # spares the work; the rename decides
+                raise fileio.FileExistsWriteError(f'{dst} exists (written by another process meanwhile?); '
+                                                  'this one was not written')
+            img, dtype, alpha = image_io.read_image(src, args.max_pixels or None)
             out = restorer.restore(img)
             if alpha is not None:
                 alpha = image_io.resize(alpha, restorer.out_scale)
-            written = image_io.write_image(dst, out, dtype, alpha)
+            written = image_io.write_image(dst, out, dtype, alpha, overwrite=args.overwrite)
+        except fileio.FileExistsWriteError as err:
+            message = str(err)
+        except fileio.WriteError as err:
+            message, stop = _write_failure(err, dst)
         except (image_io.ImageError, InferError, ValueError) as err:
-            failed += 1
-            bar.write(f'basicsr infer: error: {err if str(src) in str(err) else f"{src}: {err}"}', file=sys.stderr)
+            message = str(err) if str(src) in str(err) or str(dst) in str(err) else f'{src}: {err}'
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            message = f'{src}: out of memory (a smaller --tile, or --max-pixels to refuse such images)'
+        else:
+            secs = time.perf_counter() - start
+            bar.set_postfix_str(f'{os.path.basename(src)} {secs:.2f} s')
+            bar.write(f'{src} -> {dst} ({out.shape[1]}x{out.shape[0]}, {written.itemsize * 8}-bit, {secs:.2f} s)',
+                      file=sys.stderr)
             continue
-        secs = time.perf_counter() - start
-        bar.set_postfix_str(f'{os.path.basename(src)} {secs:.2f} s')
-        bar.write(f'{src} -> {dst} ({out.shape[1]}x{out.shape[0]}, {written.itemsize * 8}-bit, {secs:.2f} s)',
-                  file=sys.stderr)
+        failed += 1
+        left = len(inputs) - i - 1
+        if stop and left:
+            message += f'; stopped, {left} more image(s) not written'
+        bar.write(f'basicsr infer: error: {message}', file=sys.stderr)
+        if stop:
+            break
     bar.close()
     return 1 if failed else 0
 
 
-def main(argv=None, args=None):
+def main(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace] = None) -> int:
     """Entry point of ``basicsr infer`` and ``python -m nl_plugin.infer``; errors are one line, exit 2."""
     if args is None:
         args = build_parser().parse_args(argv)

@@ -1,5 +1,6 @@
-"""Building blocks shared by several architectures: stage residual, official init, BN folding, upsampling."""
+"""Building blocks shared by several architectures: stage residual, official init, BN folding, upsampling, tiling."""
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,3 +63,17 @@ def bicubic_upsample(x: torch.Tensor, scale: int) -> torch.Tensor:
     if scale == 1:
         return x
     return F.interpolate(x, scale_factor=scale, mode='bicubic', align_corners=False)
+
+
+def default_auto_tile(h: int, w: int, size: int = 512, overlap: int = 64,
+                      above: int = 1024) -> Optional[Tuple[int, int]]:
+    """Tiles of a convolutional network: one pass up to ``above`` pixels on the long side, else (size, overlap)."""
+    return (size, overlap) if max(h, w) > above else None
+
+
+def auto_tile(net: nn.Module, h: int, w: int) -> Optional[Tuple[int, int]]:
+    """How ``net`` wants an h x w input tiled at inference: ``(size, overlap)`` in input pixels, or None for one
+    pass. An architecture declares it with a method ``auto_tile(h, w)``; others get :func:`default_auto_tile`.
+    Read by ``basicsr infer --tile auto`` and ``val: tile: auto``."""
+    own = getattr(net, 'auto_tile', None)
+    return own(h, w) if callable(own) else default_auto_tile(h, w)

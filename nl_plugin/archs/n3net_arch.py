@@ -5,7 +5,7 @@ from torch import nn as nn
 
 from nl_plugin.utils import renamed_options
 
-from .arch_util import bicubic_upsample
+from .arch_util import bicubic_upsample, default_auto_tile
 from .dncnn_arch import DnCNN
 from .n3block_arch import N3Block
 from .vdsr_arch import VDSR
@@ -105,6 +105,12 @@ class N3Net(nn.Module):
             N3Block(num_inter_ch, k=k, patch_size=patch_size, stride=stride, search_size=search_size,
                     embed_feat=embed_feat, temp_mode=temp_mode, knn_update=knn_update, selection=selection,
                     diff=diff) for _ in range(num_stages - 1))
+
+    def auto_tile(self, h: int, w: int) -> tuple[int, int] | None:
+        """Inference tiles (``basicsr infer --tile auto``, ``val: tile: auto``): one pass up to 1024 px, else
+        512-pixel tiles overlapping by 96, more than a conv stage's receptive field plus half the 80-pixel
+        search region of an N3 block."""
+        return default_auto_tile(h, w, overlap=96)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, num_in_ch + num_noise_ch, h, w) -> (N, num_out_ch, h * upscale, w * upscale)."""

@@ -183,6 +183,21 @@ class NLRN(nn.Module):
         """x + conv_end(ReLU(BN_out(s))) (residual learning); conv_end in fp32 under autocast (``full_precision``)."""
         return x + full_precision(lambda t: conv(self.conv_last, t), F.relu(self.bn_last(s)))
 
+    def auto_tile(self, h: int, w: int) -> Optional[Tuple[int, int]]:
+        """Inference tiles (``basicsr infer --tile auto``, ``val: tile: auto``): ``(size, overlap)`` or None.
+
+        Global scope: 45x45 tiles at stride 23, the attention extent it was trained on (the official test
+        protocol is 45:38, about 10x as many tiles). Window scope with the excluded border streams the image
+        by itself (``nlrn_stream``): tiles of 2048 only past 2048 px on the short side. The circular border
+        does not stream (its logits cover the whole image): tiles of 512 past 512 px.
+        """
+        blk = self.nonlocal_blocks[0]
+        if blk.nl_scope != 'window':
+            return 45, 22
+        if blk.border == 'exclude':
+            return (2048, 128) if min(h, w) > 2048 else None
+        return (512, 128) if max(h, w) > 512 else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args:
             x (Tensor): (B, num_in_ch, H, W) degraded image in [0, 1].

@@ -13,7 +13,7 @@ YAML (besides everything ``SRModel`` reads)::
       nan_policy: stop              # or skip: a step with a non-finite loss or gradient is not applied
     val:
       self_ensemble: false          # x8 flips/rotations (NLRN-MV)
-      tile: {size: 45, stride: 7, batch: 100}                 # or {size, overlap, batch}
+      tile: {size: 45, stride: 7, batch: 100}                 # or {size, overlap, batch}, or auto (arch's auto_tile)
       precision: fp32               # or bf16 | fp16 | auto, for validation and `basicsr test`
       metrics: {psnr: {type: calculate_psnr, crop_border: 0, test_y_channel: false}}
 
@@ -41,6 +41,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
 from nl_plugin import weights
+from nl_plugin.archs.arch_util import auto_tile
 from nl_plugin.config_checks import input_channels
 from nl_plugin.ops.tiling import self_ensemble, tiled_forward
 
@@ -96,7 +97,9 @@ class RestorationModel(SolverMixin, ValidationMixin, SRModel):
         if val is not None:
             check_keys(val, _VAL_KEYS, 'val')
             tile = val.get('tile')
-            if tile is not None:
+            if tile is not None and tile != 'auto':
+                if not isinstance(tile, dict):
+                    raise ValueError(f"val:tile must be {{size, stride|overlap, batch}} or 'auto', got {tile!r}")
                 check_keys(tile, _TILE_KEYS, 'val:tile')
                 if int(tile.get('size', 0)) <= 0:
                     raise ValueError(f'val:tile:size must be a positive integer, got {tile.get("size")!r}')
@@ -222,6 +225,9 @@ class RestorationModel(SolverMixin, ValidationMixin, SRModel):
         val = self.opt.get('val') or {}
         fn = lambda t: self._forward(net, t)  # noqa: E731
         tile = val.get('tile')
+        if tile == 'auto':      # as the architecture declares for this input size (e.g. NLRN's global scope: 45:22)
+            plan = auto_tile(self.get_bare_model(net), x.shape[-2], x.shape[-1])
+            tile = {'size': plan[0], 'overlap': plan[1]} if plan else None
         if tile:
             inner = fn
             fn = lambda t: tiled_forward(  # noqa: E731
