@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from ..amp import accum_dtype, to_compute
-from .common import WindowGeometry, check_qkv, check_window_args, normalize_attention, requires_grad, window_geometry
+from .common import (
+    STREAM_BORDERS,
+    WindowGeometry,
+    border_rule,
+    check_qkv,
+    check_window_args,
+    normalize_attention,
+    requires_grad,
+    window_geometry,
+)
 
 FAST_BLOCK = 8               # query block side of this kernel (the block logits layout depends on it)
 _GROUP_BYTES = 3 * 2**20     # halo logits of one group of query blocks stay cache-resident
@@ -126,15 +135,16 @@ class _StripsKernel:
         g = min(self.g_max, self.nbx - gx0)
         x0 = gx0 * b
         xn = min(g * b, self.w - x0)
-        # Key columns lo .. hi of this group, zero outside the image (or wrapped round if circular).
+        # Key columns lo .. hi of this group: gathered by ``Border.key`` where the window wraps, else
+        # copied and zero outside the image (those keys are masked below).
         lo, hi = self.col0 + x0 - px, self.col0 + x0 + (g - 1) * b + rw - px
-        if self.geo.circular:
+        if self.geo.border.wraps:
             dev = self.q.device
-            iy = torch.arange(-py, self.hq + py, device=dev) % self.h
-            ix = torch.arange(lo, hi, device=dev) % self.wk
+            iy = self.geo.border.key(torch.arange(-py, self.hq + py, device=dev), self.h)[0]
+            ix = self.geo.border.key(torch.arange(lo, hi, device=dev), self.wk)[0]
             for buf, src in zip(self.strips, (self.k[bi], self.v[bi])):
                 buf[:g].copy_(src[iy][:, ix].unfold(1, rw, b).permute(1, 0, 3, 2))     # (g, hq+2py, rw, e)
-        else:   # zero outside the image (those keys are masked below)
+        else:
             _fill_strips(self.strips, self.k[bi], self.v[bi], lo, g, b, rw, py)
         qs = qp[:, x0:x0 + g * b].reshape(self.hq, g, b, self.d).transpose(0, 1).contiguous()  # (g, hq, b, d)
         grp_out = self.q.new_empty(g, self.hq, b, self.c)
@@ -168,8 +178,8 @@ class _StripsKernel:
         qx = x0 + torch.arange(g * b, device=dev)
         ky = qy[:, None] + self.offy[None, :]                                       # (m*b, kh)
         kx = self.col0 + qx[:, None] + self.offx[None, :]                            # (g*b, kw)
-        ok_y = ((ky >= 0) & (ky < self.h)) | (qy >= self.h)[:, None]
-        ok_x = ((kx >= 0) & (kx < self.wk)) | (qx >= self.w)[:, None]
+        ok_y = self.geo.border.key(ky, self.h)[1] | (qy >= self.h)[:, None]
+        ok_x = self.geo.border.key(kx, self.wk)[1] | (qx >= self.w)[:, None]
         bias_y = torch.zeros(m * b, kh, dtype=lg.dtype, device=dev).masked_fill_(~ok_y, float('-inf'))
         bias_x = torch.zeros(g * b, kw, dtype=lg.dtype, device=dev).masked_fill_(~ok_x, float('-inf'))
         tgt = None if self.sm_buf is None else self.sm_buf[:n].view(n, b, b, kh, kw)
@@ -194,7 +204,8 @@ class _StripsKernel:
             torch.matmul(qb, keys.transpose(1, 2), out=s)
         cview = _compact_view(s, b, self.rh, self.rw, geo.kh, geo.kw)               # (n, b, b, kh, kw)
         lg = self._logits(bi, cview, gx0, g, by, m, yn, xn)
-        interior = geo.circular or (y0 - geo.py >= 0 and y0 + m * b + geo.py <= self.h and lo >= 0 and hi <= self.wk)
+        interior = (geo.border.all_keys(y0 - geo.py, y0 + m * b + geo.py, self.h)
+                    and geo.border.all_keys(lo, hi, self.wk))
         if not interior:
             lg = self._border_bias(lg, n, g, m, y0, gx0 * b)
         # Range-limited softmax (fp32): an out-of-image key gets weight <= e^-30 instead of 0, but its
@@ -233,13 +244,13 @@ def strips_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: Win
 
 def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row0: int, window_size: int,
                           normalization: str = 'softmax', prev_logits: Optional[torch.Tensor] = None,
-                          return_logits: bool = False, image_height: Optional[int] = None):
-    """Window attention (border 'exclude') of a band of query rows; inference only.
+                          return_logits: bool = False, image_height: Optional[int] = None, border: str = 'exclude'):
+    """Window attention of a band of query rows, for a border that does not wrap; inference only.
 
     Lets a network process an image in horizontal bands: the queries are the rows
     ``row0 .. row0 + n`` of the key image ``k``/``v``, which must hold every in-image row their
     windows reach (rows beyond ``k`` count as outside the image). Same result as those rows of
-    ``window_attention(..., border='exclude')`` on the whole image.
+    ``window_attention(..., border=border)`` on the whole image.
 
     Args:
         q (Tensor): (B, n, W, D) query embeddings.
@@ -253,6 +264,7 @@ def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row
         return_logits (bool): Also return the accumulated logits (block layout).
         image_height (int, optional): Height of the whole image; fixes the compact window size P
             (see ``WindowGeometry``). Default: Hk.
+        border (str): One of ``STREAM_BORDERS`` (``Border.streams``). Default: 'exclude'.
 
     Returns:
         Tensor | tuple[Tensor, Tensor]: out (B, n, W, C) [, logits].
@@ -264,12 +276,15 @@ def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row
         raise ValueError(f'query rows {row0}..{row0 + q.shape[1]} are not rows of k (height {k.shape[1]})')
     if requires_grad(q, k, v):
         raise ValueError('window_attention_rows is inference-only (autograd is recording)')
-    if check_window_args(window_size, 'exclude', normalization) is None:
+    if check_window_args(window_size, border, normalization) is None:
         raise ValueError('window_attention_rows needs a window_size >= 1')
+    if not border_rule(border).streams:
+        raise ValueError(f'window_attention_rows needs a border in {STREAM_BORDERS} (bands of rows cannot '
+                         f'see the rows a {border!r} window wraps to), got {border!r}')
     q, k, v = to_compute(q), to_compute(k), to_compute(v)
     # On the transposed band the query rows are columns: one group of block columns whose key
     # strips are the whole band, copied once (rows of blocks are then plain views).
-    geo = window_geometry(k.shape[2], image_height or k.shape[1], window_size, 'exclude')
+    geo = window_geometry(k.shape[2], image_height or k.shape[1], window_size, border)
     res = strips_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), geo, normalization, prev_logits,
                            return_logits, block_layout=True, col0=row0)
     if return_logits:
