@@ -60,6 +60,20 @@ def key_value_arg(text):
     return key, yaml.safe_load(value)
 
 
+def cpuinfo_field(name, path='/proc/cpuinfo'):
+    """The value of the first ``name : value`` line of the CPU description (``'model name'``, ``'flags'``, ...);
+    None where the file is unreadable (not Linux) or has no such line."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, sep, value = line.partition(':')
+                if sep and key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 def run_process_group(cmd, timeout=None, **kwargs):
     """``subprocess.run(cmd, timeout=timeout, **kwargs)`` in a process group of its own, the whole group
     killed on timeout: a launcher's children (torchrun's workers, inductor's compile workers) would

@@ -23,7 +23,7 @@ import sys
 import time
 
 from ..fileio import atomic_write
-from ..utils import run_process_group
+from ..utils import cpuinfo_field, run_process_group
 from .network_cases import CASES as NETWORK_CASES
 from .op_cases import OP_CASES
 
@@ -158,12 +158,8 @@ def ratios(results):
 
 
 def _cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
-        return f'{names[0]} ({os.cpu_count()} cores)'
-    except (OSError, IndexError):
-        return platform.processor() or 'cpu'
+    name = cpuinfo_field('model name')
+    return f'{name} ({os.cpu_count()} cores)' if name else platform.processor() or 'cpu'
 
 
 def print_table(results, meta):
