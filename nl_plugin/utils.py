@@ -74,6 +74,31 @@ def cpuinfo_field(name, path='/proc/cpuinfo'):
     return None
 
 
+def rss_mb(field='VmRSS'):
+    """``VmRSS`` (resident memory) or ``VmHWM`` (its peak) of this process in MB (Linux), or None."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_rss_peak():
+    """Hand freed heap memory back to the OS and reset the peak-RSS mark (``VmHWM``); True if it was reset
+    (False where that is impossible: not Linux, not glibc)."""
+    import ctypes
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def run_process_group(cmd, timeout=None, **kwargs):
     """``subprocess.run(cmd, timeout=timeout, **kwargs)`` in a process group of its own, the whole group
     killed on timeout: a launcher's children (torchrun's workers, inductor's compile workers) would
