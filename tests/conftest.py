@@ -98,16 +98,22 @@ def read_log(exp_dir):
 CLI_ARCH = {'type': 'DnCNN', 'num_in_ch': 1, 'num_out_ch': 1, 'num_feat': 8, 'depth': 3}
 
 
+def write_tiny_images(root, splits, seed, widen, name='img'):
+    """Blurred random grey images ``root/<split>/<name><i>.png`` for ``splits`` = ((split, count, size), ...):
+    image i is ``size`` x ``size + widen * i`` (sizes differ, as in real data sets)."""
+    rng = np.random.default_rng(seed)
+    for split, n, size in splits:
+        os.makedirs(root / split)
+        for i in range(n):
+            img = cv2.GaussianBlur(rng.integers(0, 256, (size, size + widen * i), dtype=np.uint8), (5, 5), 0)
+            cv2.imwrite(str(root / split / f'{name}{i}.png'), img)
+
+
 @pytest.fixture(scope='module')
 def cli_workdir(tmp_path_factory):
     """A folder with tiny train/val images and their LMDBs made by scripts/create_lmdb.py (one per test module)."""
     root = tmp_path_factory.mktemp('cli')
-    rng = np.random.default_rng(0)
-    for split, n, size in (('train', 6, 40), ('val', 3, 24)):
-        os.makedirs(root / split)
-        for i in range(n):
-            base = cv2.GaussianBlur(rng.integers(0, 256, (size, size + 4 * i), dtype=np.uint8), (5, 5), 0)
-            cv2.imwrite(str(root / split / f'img{i}.png'), base)
+    write_tiny_images(root, (('train', 6, 40), ('val', 3, 24)), seed=0, widen=4)
     for split in ('train', 'val'):
         subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'create_lmdb.py'), str(root / split),
                         str(root / f'{split}.lmdb')], check=True, capture_output=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import basicsr_cmd, free_port, read_log
+from conftest import basicsr_cmd, free_port, read_log, write_tiny_images
 from nl_plugin.checkpoint import load_state
 from nl_plugin.data.lmdb_writer import create_lmdb
 from nl_plugin.weights import read_all
@@ -27,12 +27,8 @@ BN_ARCH = {'type': 'DnCNN', 'num_in_ch': 1, 'num_out_ch': 1, 'num_feat': 8, 'dep
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp('rel')
-    rng = np.random.default_rng(1)
-    for split, n, size in (('train', 6, 32), ('val', 2, 24)):
-        os.makedirs(root / split)
-        for i in range(n):
-            img = cv2.GaussianBlur(rng.integers(0, 256, (size, size + 2 * i), dtype=np.uint8), (5, 5), 0)
-            cv2.imwrite(str(root / split / f'im{i}.png'), img)
+    write_tiny_images(root, (('train', 6, 32), ('val', 2, 24)), seed=1, widen=2, name='im')
+    for split in ('train', 'val'):
         create_lmdb(str(root / split), str(root / f'{split}.lmdb'), progress=False)
     return root
 
