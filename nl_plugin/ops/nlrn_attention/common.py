@@ -150,6 +150,11 @@ class WindowGeometry(NamedTuple):
     border: Border
 
     @property
+    def circular(self) -> bool:
+        """The window wraps round the image (``border.wraps``): the flag a compiled kernel specialises on."""
+        return self.border.wraps
+
+    @property
     def kh(self) -> int:
         return 2 * self.py + 1
 
