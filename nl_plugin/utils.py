@@ -60,6 +60,45 @@ def key_value_arg(text):
     return key, yaml.safe_load(value)
 
 
+def cpuinfo_field(name, path='/proc/cpuinfo'):
+    """The value of the first ``name : value`` line of the CPU description (``'model name'``, ``'flags'``, ...);
+    None where the file is unreadable (not Linux) or has no such line."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, sep, value = line.partition(':')
+                if sep and key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb(field='VmRSS'):
+    """``VmRSS`` (resident memory) or ``VmHWM`` (its peak) of this process in MB (Linux), or None."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_rss_peak():
+    """Hand freed heap memory back to the OS and reset the peak-RSS mark (``VmHWM``); True if it was reset
+    (False where that is impossible: not Linux, not glibc)."""
+    import ctypes
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def run_process_group(cmd, timeout=None, **kwargs):
     """``subprocess.run(cmd, timeout=timeout, **kwargs)`` in a process group of its own, the whole group
     killed on timeout: a launcher's children (torchrun's workers, inductor's compile workers) would

@@ -48,21 +48,49 @@ def test_case_timeout_reports_the_case_and_keeps_the_json(tmp_path):
     assert row['case'] == 'matmul_fp32' and row['error'] == 'timeout after 0 s'
 
 
+def _dead(pid):
+    """Whether process ``pid`` has ended (gone, or a zombie that nobody reaped yet)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except FileNotFoundError:
+        return True
+
+
 def test_run_process_group_kills_the_children_of_a_timed_out_command(tmp_path):
-    """A launcher's child (torchrun's worker) must not outlive the launcher's timeout."""
+    """A launcher's child (torchrun's worker) must not outlive the launcher's timeout: the child writes its pid
+    and would sleep a minute; after the timeout it is gone (polled, no fixed sleep)."""
     import time
 
     import pytest
 
     from nl_plugin.utils import run_process_group
-    spawned, marker = tmp_path / 'spawned', tmp_path / 'child_alive'
-    child = f'import time; time.sleep(4); open({str(marker)!r}, "w").close()'
-    launcher = (f'import subprocess, sys, time; subprocess.Popen([sys.executable, "-c", {child!r}]); '
-                f'open({str(spawned)!r}, "w").close(); time.sleep(60)')
+    if not os.path.isdir('/proc/self'):
+        pytest.skip('needs /proc to see whether the child still runs')
+    pid_file = tmp_path / 'child_pid'
+    child = f'import os, time; open({str(pid_file)!r} + ".tmp", "w").write(str(os.getpid())); ' \
+            f'os.rename({str(pid_file)!r} + ".tmp", {str(pid_file)!r}); time.sleep(60)'
+    launcher = (f'import os, subprocess, sys, time; subprocess.Popen([sys.executable, "-c", {child!r}])\n'
+                f'while not os.path.exists({str(pid_file)!r}): time.sleep(0.01)\n'
+                'time.sleep(60)')
     with pytest.raises(subprocess.TimeoutExpired):
-        run_process_group([sys.executable, '-c', launcher], timeout=3)
-    assert spawned.exists()          # the child was started before the timeout
-    time.sleep(3)                    # it would have written its marker by now
-    assert not marker.exists()
+        run_process_group([sys.executable, '-c', launcher], timeout=5)
+    assert pid_file.exists(), 'the child had not started when the timeout expired'
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while not _dead(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _dead(pid), f'child {pid} outlived its launcher\'s timeout'
     done = run_process_group([sys.executable, '-c', 'print(7)'], stdout=subprocess.PIPE, text=True)
     assert done.returncode == 0 and done.stdout.strip() == '7'
+
+
+def test_cpuinfo_field_reads_the_first_processor(tmp_path):
+    from nl_plugin.utils import cpuinfo_field
+    path = tmp_path / 'cpuinfo'
+    path.write_text('processor\t: 0\nmodel name\t: CPU A\nflags\t\t: fpu avx512_bf16\n\n'
+                    'processor\t: 1\nmodel name\t: CPU B\n')
+    assert cpuinfo_field('model name', str(path)) == 'CPU A'
+    assert cpuinfo_field('flags', str(path)).split() == ['fpu', 'avx512_bf16']
+    assert cpuinfo_field('bogus', str(path)) is None
+    assert cpuinfo_field('flags', str(tmp_path / 'missing')) is None

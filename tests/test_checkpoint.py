@@ -5,8 +5,8 @@ import pytest
 import torch
 from basicsr.models import build_model
 
+from conftest import make_opt, model_batch
 from nl_plugin.fileio import WriteError, atomic_torch_save, atomic_write
-from test_restoration_model import batch, make_opt
 
 
 def test_failed_write_keeps_the_previous_file_and_names_it(tmp_path):
@@ -27,12 +27,12 @@ def test_failed_write_keeps_the_previous_file_and_names_it(tmp_path):
 
 def test_nan_policy_skip_leaves_weights_optimizer_and_ema_untouched(tmp_path):
     model = build_model(make_opt(tmp_path, train={'nan_policy': 'skip', 'ema_decay': 0.9}))
-    model.feed_data(batch())
+    model.feed_data(model_batch())
     model.optimize_parameters(1)
     before = {k: v.clone() for k, v in model.net_g.state_dict().items()}
     ema = {k: v.clone() for k, v in model.net_g_ema.state_dict().items()}
     adam = {k: v.clone() for k, v in model.optimizer_g.state[next(model.net_g.parameters())].items()}
-    bad = batch()
+    bad = model_batch()
     bad['lq'][0, 0, 0, 0] = float('nan')
     model.feed_data(bad)
     model.optimize_parameters(2)
@@ -40,7 +40,7 @@ def test_nan_policy_skip_leaves_weights_optimizer_and_ema_untouched(tmp_path):
     assert all(torch.equal(v, ema[k]) for k, v in model.net_g_ema.state_dict().items())
     state = model.optimizer_g.state[next(model.net_g.parameters())]
     assert all(torch.equal(v, adam[k]) for k, v in state.items())
-    model.feed_data(batch())
+    model.feed_data(model_batch())
     model.optimize_parameters(3)  # training goes on with the next finite batch
     assert not all(torch.equal(v, before[k]) for k, v in model.net_g.state_dict().items())
 

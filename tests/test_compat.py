@@ -6,7 +6,6 @@ each fix down on its own so that a failure names the fix.
 import collections
 import importlib
 import os
-import socket
 import sys
 import types
 
@@ -19,20 +18,15 @@ import yaml
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import free_port
 from nl_plugin import compat
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def process_group(monkeypatch):
     """A real single-process group made by the fixed ``init_dist``; destroyed (and the start method reset)
     afterwards so that the rest of the session is not affected."""
-    for key, value in dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()), RANK='0', LOCAL_RANK='0',
+    for key, value in dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), RANK='0', LOCAL_RANK='0',
                            WORLD_SIZE='1').items():
         monkeypatch.setenv(key, value)
     start_method = mp.get_start_method(allow_none=True)

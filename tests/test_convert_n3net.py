@@ -109,8 +109,19 @@ def official_file(tmp_path_factory):
     return path, sd
 
 
-def test_layout_has_140_tensors(official_file):
-    assert len(official_file[1]) == 140
+def test_official_layout_converts_to_exactly_n3net_state_dict(official_file):
+    """The official layout's 140 tensors: the 12 of the never-applied ``bn1`` are dropped, the other 128 are
+    renamed, and the BatchNorm counters are added: exactly ``N3Net()``'s keys and shapes, tensors unchanged."""
+    sd = official_file[1]
+    assert len(sd) == 140 and sum('.bn1.' in k for k in sd) == 12
+    params = n3net_official.convert_state_dict(sd)
+    expected = N3Net().state_dict()
+    assert params.keys() == expected.keys()
+    assert all(params[k].shape == expected[k].shape for k in expected)
+    renamed = [k for k in params if not k.endswith('num_batches_tracked')]
+    assert len(renamed) == 128
+    official = [v for k, v in sd.items() if '.bn1.' not in k]
+    assert all(any(torch.equal(params[k], t) for t in official) for k in renamed)
 
 
 def test_convert_function_strict_load_and_outputs(official_file, tmp_path):

@@ -1,11 +1,9 @@
-"""Training curves from BasicSR logs (validation iterations inferred, resumed runs) and scripts/plot_curves.py."""
-import importlib.util
-import os
+"""Training curves from BasicSR logs (validation iterations inferred, resumed runs) and the plot_curves command."""
 
 import cv2
 import pytest
 
-from conftest import ROOT
+from nl_plugin.analysis.commands import plot_curves
 from nl_plugin.analysis.curves import parse_train_log
 
 HEAD = """2025-01-01 10:00:00,000 INFO:
@@ -26,13 +24,6 @@ def _val(psnr, best_iter):
     return ('2025-01-01 10:00:02,000 INFO: Validation set5\n'
             f'\t # psnr: {psnr:.4f}\tBest: {psnr:.4f} @ {best_iter} iter\n'
             f'\t # ssim: 0.5000\tBest: 0.5000 @ {best_iter} iter\n\n')
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location('plot_curves', os.path.join(ROOT, 'scripts', 'plot_curves.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_log_parsing_with_sparse_prints_and_a_resumed_run(tmp_path):
@@ -59,9 +50,9 @@ def test_plot_curves_script_writes_pngs(tmp_path):
     pytest.importorskip('matplotlib')
     log = tmp_path / 'train_run.log'
     log.write_text(HEAD + _train(50, 0.3) + _val(20.0, 50) + _train(100, 0.2) + _val(21.0, 100))
-    curves, written = _script().main([str(log), '--out', str(tmp_path / 'curves')])
+    curves, written = plot_curves([str(log), '--out', str(tmp_path / 'curves')])
     assert sorted(written) == ['loss.png', 'psnr.png', 'ssim.png']
     for name in written:
         assert cv2.imread(str(tmp_path / 'curves' / name)).shape == (400, 640, 3)
     with pytest.raises(SystemExit):
-        _script().main([])
+        plot_curves([])

@@ -16,7 +16,7 @@ import torch
 import yaml
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from conftest import ROOT, basicsr_cmd
+from conftest import basicsr_cmd
 from nl_plugin.archs.nonlocal_injection_arch import NonLocalInjection
 
 NETS = {
@@ -162,17 +162,15 @@ def test_validation_images_in_tensorboard(trained, workdir):
 
 def test_plot_curves_of_the_training_runs(trained, tmp_path):
     pytest.importorskip('matplotlib')
-    spec = importlib.util.spec_from_file_location('plot_curves', os.path.join(ROOT, 'scripts', 'plot_curves.py'))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from nl_plugin.analysis.commands import plot_curves
     exp = trained['rrdb_window'][1]
-    curves, written = script.main([str(exp), '--out', str(tmp_path / 'log')])
+    curves, written = plot_curves([str(exp), '--out', str(tmp_path / 'log')])
     assert sorted(written) == ['loss.png', 'psnr.png']
     assert cv2.imread(str(tmp_path / 'log' / 'psnr.png')).shape == (400, 640, 3)
     assert [it for it, _ in curves['loss']['l_pix']] == [1, 2, 3, 4]
     assert [it for it, _ in curves['metric']['val/psnr']] == [2, 4]
     if importlib.util.find_spec('tensorboard') is not None:    # the log and the events agree
-        tb_curves, _ = script.main(['--tb', str(exp.parent.parent / 'tb_logger' / 'rrdb_window'),
+        tb_curves, _ = plot_curves(['--tb', str(exp.parent.parent / 'tb_logger' / 'rrdb_window'),
                                     '--out', str(tmp_path / 'tb')])
         tb_psnr = dict(tb_curves['metric']['val/psnr'])
         for it, value in curves['metric']['val/psnr']:

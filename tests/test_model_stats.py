@@ -1,30 +1,23 @@
 """Model statistics: parameters, multiply-adds, depth, receptive field; the table script and the
 per-block overhead of an injected network."""
-import importlib.util
 import json
-import os
 
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from conftest import ROOT
+from nl_plugin.analysis.commands import model_stats
 from nl_plugin.analysis.model_stats import (
     Case,
+    all_cases,
     count_parameters,
     graph_depth,
+    injection_overhead,
     multiply_adds,
     receptive_field,
     stats_row,
 )
 from nl_plugin.archs.dncnn_arch import DnCNN
 from nl_plugin.archs.nlrn_arch import NLRN
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location('model_stats', os.path.join(ROOT, 'scripts', 'model_stats.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_dncnn_counts_by_hand():
@@ -68,16 +61,15 @@ def test_multiply_adds_on_the_meta_device_equal_a_real_run():
 
 
 def test_table_covers_every_registered_architecture():
-    script = _script()
     ours = {name for name, obj in ARCH_REGISTRY if getattr(obj, '__module__', '').startswith('nl_plugin.')}
-    cases = script.all_cases()
+    cases = all_cases()
     assert ours <= {c.net_opt['type'] for c in cases}
     assert {'EDSR', 'RRDBNet'} <= {c.net_opt['type'] for c in cases}     # the hybrids' bases, for comparison
 
 
 def test_script_table_and_json(tmp_path, capsys):
-    rows = _script().main(['--only', 'DnCNN', 'N3SetBlock', '--size', '16', '24', '--rf_size', '40',
-                           '--json', str(tmp_path / 's.json')])
+    rows = model_stats(['--only', 'DnCNN', 'N3SetBlock', '--size', '16', '24', '--rf_size', '40',
+                       '--json', str(tmp_path / 's.json')])
     out = capsys.readouterr().out
     assert 'DnCNN-17' in out and 'GMACs 24x16' in out and '35x35' in out
     saved = json.loads((tmp_path / 's.json').read_text())
@@ -94,7 +86,7 @@ def test_injection_overhead_has_a_row_per_block():
                            'stride': 2, 'search_size': 5},
                           {'after': 'body.1', 'type': 'WindowedNonLocalBlock', 'nl_scope': 'window', 'window_size': 5,
                            'num_embed': 4}]}
-    rows = _script().injection_overhead(net_opt, size=(24, 20), repeats=1)
+    rows = injection_overhead(net_opt, size=(24, 20), repeats=1)
     assert [r['block'] for r in rows] == ['base alone', 'after body.0: N3Block', 'after body.1: WindowedNonLocalBlock']
     assert rows[0]['seconds'] > 0 and rows[0]['mb'] == rows[0]['mb']      # a number (not NaN) on Linux
     for r in rows[1:]:

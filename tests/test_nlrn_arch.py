@@ -6,11 +6,7 @@ from torch import nn
 
 from nl_plugin.archs.nlrn_arch import NLRN
 from nl_plugin.archs.windowed_nonlocal_arch import CORRELATIONS, WindowedNonLocalBlock
-
-try:
-    from nl_plugin.ops.tiling import tiled_forward
-except ImportError:  # pragma: no cover
-    tiled_forward = None
+from nl_plugin.ops.tiling import tiled_forward
 
 
 def _counts(net):
@@ -276,7 +272,6 @@ def test_scope_defaults():
         WindowedNonLocalBlock(zero_init_g=False)
 
 
-@pytest.mark.skipif(tiled_forward is None, reason='tiling helper not available')
 def test_official_tiled_protocol_runs():
     net = NLRN(num_feat=8, num_embed=4, num_steps=2).eval()
     x = torch.rand(1, 1, 20, 23)

@@ -1,25 +1,16 @@
-"""scripts/export_onnx.py: exported networks reproduce PyTorch in onnxruntime (atol 1e-4 on [0, 1] images)."""
-import importlib.util
-import os
+"""nl_plugin.onnx_export (scripts/export_onnx.py): exported networks reproduce PyTorch in onnxruntime
+(atol 1e-4 on [0, 1] images)."""
 
 import numpy as np
 import pytest
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from conftest import ROOT
+from nl_plugin import onnx_export as export_onnx
 from nl_plugin import weights
 
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnx')
-
-
-@pytest.fixture(scope='module')
-def export_onnx():
-    spec = importlib.util.spec_from_file_location('export_onnx', os.path.join(ROOT, 'scripts', 'export_onnx.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_model(tmp_path, spec):
@@ -42,7 +33,7 @@ def run_onnx(path, x):
     {'type': 'NLRN', 'num_feat': 8, 'num_embed': 4, 'num_steps': 2},
     {'type': 'NLRN', 'num_feat': 8, 'num_embed': 4, 'num_steps': 2, 'nl_scope': 'window', 'window_size': 5},
 ])
-def test_dynamic_size_export(tmp_path, export_onnx, capsys, spec):
+def test_dynamic_size_export(tmp_path, capsys, spec):
     net, path = write_model(tmp_path, spec)
     out = str(tmp_path / 'model.onnx')
     assert export_onnx.main(['--model', path, '--output', out, '--height', '24', '--width', '20',
@@ -56,12 +47,12 @@ def test_dynamic_size_export(tmp_path, export_onnx, capsys, spec):
     assert 'model.onnx exists' in capsys.readouterr().err
 
 
-def test_n3net_exports_at_a_fixed_size(tmp_path, export_onnx):
+def test_n3net_exports_at_a_fixed_size(tmp_path):
     pytest.importorskip('onnxscript')
     net, _ = write_model(tmp_path, {'type': 'N3Net', 'num_feat': 4, 'depth': 2, 'embed_feat': 4, 'k': 2,
                                        'num_inter_ch': 2, 'num_stages': 2})
     out = str(tmp_path / 'n3.onnx')
-    model = export_onnx._Pipeline(net, False).eval()
+    model = export_onnx.Pipeline(net, False).eval()
     info = export_onnx.export_onnx(model, out, 1, 30, 25, exporters=('dynamo', ), static=True)
     assert info['dynamic'] is False and info['max_error'] < 1e-4
     x = torch.rand(1, 1, 30, 25)

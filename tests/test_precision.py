@@ -7,15 +7,8 @@ import torch
 import yaml
 from basicsr.models import build_model
 
-from conftest import basicsr_cmd
+from conftest import basicsr_cmd, make_opt, model_batch, read_log, run, write_cli_opt
 from nl_plugin.models.precision import ModelPrecision, check_precision, cpu_bf16_flags, fast_bf16, resolve_precision
-from test_cli import (
-    read_log,
-    run,
-    workdir,  # noqa: F401  (module fixture: tiny LMDB data)
-    write_opt,
-)
-from test_restoration_model import batch, make_opt
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -82,7 +75,7 @@ def test_training_step_keeps_fp32_master_weights(tmp_path, precision):
     before = [p.detach().clone() for p in model.net_g.parameters()]
     seen = []
     model.net_g.register_forward_hook(lambda m, i, o: seen.append((o.dtype, torch.is_autocast_enabled('cpu'))))
-    model.feed_data(batch())
+    model.feed_data(model_batch())
     model.optimize_parameters(1)
     low = {'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
     assert seen == [(low, True)]                # the network's last conv runs in the low precision
@@ -111,23 +104,23 @@ def test_validation_runs_under_its_own_precision(tmp_path):
     model = build_model(make_opt(tmp_path, train={'precision': 'fp32'}, val={'precision': 'bf16'}))
     seen = []
     model.net_g.body[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    model.feed_data(batch())
+    model.feed_data(model_batch())
     model.optimize_parameters(1)
     model.test()
     assert seen == [torch.float32, torch.bfloat16]
 
 
-def test_cli_trains_with_auto_precision_and_logs_the_choice(workdir):  # noqa: F811
-    opt = write_opt(workdir, 'auto_precision', total_iter=2)
+def test_cli_trains_with_auto_precision_and_logs_the_choice(cli_workdir):
+    opt = write_cli_opt(cli_workdir, 'auto_precision', total_iter=2)
     data = yaml.safe_load(opt.read_text())
     data['train']['precision'] = 'auto'
     data['val']['precision'] = 'bf16'
     opt.write_text(yaml.safe_dump(data))
-    r = run([basicsr_cmd(), 'train', '-opt', str(opt)], workdir)
+    r = run([basicsr_cmd(), 'train', '-opt', str(opt)], cli_workdir)
     assert r.returncode == 0, r.stderr[-3000:]
-    log = read_log(workdir / 'experiments' / 'auto_precision')
+    log = read_log(cli_workdir / 'experiments' / 'auto_precision')
     expected = 'bf16' if fast_bf16('cpu')[0] else 'fp32'
     assert f'Training precision: {expected} (auto: CPU ' in log
     assert 'Validation precision: bf16 (set in the options)' in log and '# psnr:' in log
-    saved = torch.load(workdir / 'experiments' / 'auto_precision' / 'models' / 'net_g_2.pth', weights_only=True)
+    saved = torch.load(cli_workdir / 'experiments' / 'auto_precision' / 'models' / 'net_g_2.pth', weights_only=True)
     assert all(t.dtype == torch.float32 for t in saved['params'].values() if t.is_floating_point())

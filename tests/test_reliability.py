@@ -16,11 +16,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import basicsr_cmd
+from conftest import basicsr_cmd, free_port, read_log, write_tiny_images
 from nl_plugin.checkpoint import load_state
 from nl_plugin.data.lmdb_writer import create_lmdb
 from nl_plugin.weights import read_all
-from test_cli import _free_port, read_log
 
 BN_ARCH = {'type': 'DnCNN', 'num_in_ch': 1, 'num_out_ch': 1, 'num_feat': 8, 'depth': 3}
 
@@ -28,12 +27,8 @@ BN_ARCH = {'type': 'DnCNN', 'num_in_ch': 1, 'num_out_ch': 1, 'num_feat': 8, 'dep
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp('rel')
-    rng = np.random.default_rng(1)
-    for split, n, size in (('train', 6, 32), ('val', 2, 24)):
-        os.makedirs(root / split)
-        for i in range(n):
-            img = cv2.GaussianBlur(rng.integers(0, 256, (size, size + 2 * i), dtype=np.uint8), (5, 5), 0)
-            cv2.imwrite(str(root / split / f'im{i}.png'), img)
+    write_tiny_images(root, (('train', 6, 32), ('val', 2, 24)), seed=1, widen=2, name='im')
+    for split in ('train', 'val'):
         create_lmdb(str(root / split), str(root / f'{split}.lmdb'), progress=False)
     return root
 
@@ -126,11 +121,21 @@ def test_ema_keeps_batchnorm_statistics_of_the_trained_net(data, straight):
     from basicsr.metrics import calculate_psnr
 
     from nl_plugin.archs.dncnn_arch import DnCNN
-    for name in ('running_mean', 'running_var'):
-        ema = [v for k, v in straight['params_ema'].items() if k.endswith(name)]
-        net = [v for k, v in straight['params'].items() if k.endswith(name)]
-        assert ema and all(not torch.equal(e, torch.full_like(e, float(name == 'running_var'))) for e in ema)
-        assert all(torch.allclose(e, n, rtol=0.2, atol=0.02) for e, n in zip(ema, net))
+    # The EMA of every BN statistic, replayed from the trained net's statistics after each iteration (a
+    # checkpoint per iteration): ema_0 = BatchNorm's initial statistics, ema_t = d ema_{t-1} + (1 - d) b_t
+    # (compat fix 11, d = ema_decay = 0.5, exact in fp32); integer buffers (batch counts) are copied.
+    models = data / 'experiments' / 'straight' / 'models'
+    stats = [k for k in straight['params'] if k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    assert stats
+    ema = {k: torch.ones_like(straight['params'][k]) if k.endswith('running_var')
+           else torch.zeros_like(straight['params'][k]) for k in stats}
+    for t in range(1, 9):
+        ckpt = straight if t == 8 else weights(models / f'net_g_{t}.pth')
+        for k in stats:
+            b = ckpt['params'][k]
+            ema[k] = ema[k].clone().mul_(0.5).add_(b, alpha=0.5) if torch.is_floating_point(b) else b.clone()
+            assert torch.equal(ckpt['params_ema'][k], ema[k]), f'iteration {t}: {k}'
+    assert all(not torch.equal(ema[k], straight['params'][k]) for k in stats if k.endswith('running_mean'))
     psnr = {}
     gen = torch.Generator().manual_seed(0)
     clean = [torch.from_numpy(cv2.imread(str(p), 0)).float()[None, None] / 255
@@ -203,7 +208,7 @@ def paired_opt(data, paired, name, batch, arch=PLAIN_ARCH, ema=0):
 
 def torchrun(data, opt):
     return run([os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node=2',
-                f'--master_port={_free_port()}', basicsr_cmd(), 'train', '-opt', str(opt), '--launcher', 'pytorch'],
+                f'--master_port={free_port()}', basicsr_cmd(), 'train', '-opt', str(opt), '--launcher', 'pytorch'],
                data)
 
 

@@ -4,46 +4,8 @@ import logging
 import pytest
 import torch
 from basicsr.models import build_model
-from basicsr.utils.registry import ARCH_REGISTRY
-from torch import nn
 
-
-class _TestPointNet(nn.Module):
-    """Tiny per-pixel network, registered for these tests only."""
-
-    def __init__(self, num_in_ch=1, num_out_ch=1, num_feat=4):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(num_in_ch, num_feat, 1), nn.ReLU(), nn.Conv2d(num_feat, num_out_ch, 1))
-
-    def forward(self, x):
-        return self.body(x)
-
-
-if '_TestPointNet' not in ARCH_REGISTRY:
-    ARCH_REGISTRY.register(_TestPointNet)
-
-
-def make_opt(tmp_path, train=None, val=None, **top):
-    opt = {
-        'name': 'unit', 'model_type': 'RestorationModel', 'is_train': True, 'dist': False, 'num_gpu': 0,
-        'rank': 0, 'world_size': 1, 'scale': 1,
-        'network_g': {'type': '_TestPointNet', 'num_in_ch': 1, 'num_out_ch': 1},
-        'path': {'models': str(tmp_path / 'models'), 'training_states': str(tmp_path / 'states')},
-        'train': {'total_iter': 10, 'optim_g': {'type': 'Adam', 'lr': 1e-3},
-                  'scheduler': {'type': 'MultiStepLR', 'milestones': [5], 'gamma': 0.5},
-                  'pixel_opt': {'type': 'SquaredErrorLoss'}},
-    }
-    if train:
-        opt['train'].update(train)
-    if val is not None:
-        opt['val'] = val
-    opt.update(top)
-    return opt
-
-
-def batch(c=1):
-    x = torch.rand(2, c, 8, 8)
-    return {'lq': x, 'gt': x * 0.5, 'lq_path': ['a.png', 'b.png']}
+from conftest import make_opt, model_batch
 
 
 def test_weight_decay_groups_exclude_biases(tmp_path):
@@ -82,7 +44,7 @@ def test_value_clipping_divided_by_lr(tmp_path):
     model = build_model(make_opt(tmp_path, train={
         'grad_clip': {'mode': 'value', 'max_value': 1e-6, 'divide_by_lr': True},
         'optim_g': {'type': 'SGD', 'lr': 0.01}}))
-    model.feed_data(batch())
+    model.feed_data(model_batch())
     model.optimize_parameters(1)
     grads = torch.cat([p.grad.flatten() for p in model.net_g.parameters()])
     assert grads.abs().max().item() == pytest.approx(1e-4, rel=1e-5)
@@ -92,7 +54,7 @@ def test_value_clipping_divided_by_lr(tmp_path):
 def test_grad_clipping(tmp_path, mode):
     model = build_model(make_opt(tmp_path, train={'grad_clip': {'mode': mode, 'max_norm': 1e-3},
                                                  'optim_g': {'type': 'SGD', 'lr': 0.0}}))
-    model.feed_data(batch())
+    model.feed_data(model_batch())
     model.optimize_parameters(1)
     grads = [p.grad for p in model.net_g.parameters()]
     if mode == 'global_norm':
@@ -110,7 +72,7 @@ def test_residual_learning_adds_input(tmp_path):
 
 def test_nan_loss_raises_clear_error(tmp_path):
     model = build_model(make_opt(tmp_path))
-    data = batch()
+    data = model_batch()
     data['lq'][0, 0, 0, 0] = float('nan')
     model.feed_data(data)
     with pytest.raises(FloatingPointError, match='iter 7: the training loss is not finite'):
@@ -120,7 +82,7 @@ def test_nan_loss_raises_clear_error(tmp_path):
 def test_wrong_channel_count_names_file(tmp_path):
     model = build_model(make_opt(tmp_path))
     with pytest.raises(ValueError, match=r'a\.png: input has 3 channels but network_g expects 1'):
-        model.feed_data(batch(c=3))
+        model.feed_data(model_batch(c=3))
 
 
 @pytest.mark.parametrize('section,key', [('train', 'grad_clp'), ('val', 'tiles')])
@@ -149,7 +111,7 @@ def test_tiled_and_ensemble_inference(tmp_path):
     plain = build_model(make_opt(tmp_path, val={}))
     tiled = build_model(make_opt(tmp_path, val={'tile': {'size': 5, 'stride': 3, 'batch': 4}, 'self_ensemble': True}))
     tiled.net_g.load_state_dict(plain.net_g.state_dict())
-    data = batch()
+    data = model_batch()
     for m in (plain, tiled):
         m.feed_data(data)
         m.test()
@@ -188,7 +150,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, backend, basicsr_log):
     eager = build_model(make_opt(tmp_path))
     model = build_model(make_opt(tmp_path, compile={'backend': backend}))
     model.net_g.load_state_dict(eager.net_g.state_dict())
-    data = batch()
+    data = model_batch()
     for m in (eager, model):
         m.feed_data(data)
         m.optimize_parameters(1)
@@ -217,7 +179,7 @@ def test_channels_last_network_gives_the_same_output(tmp_path):
     cl = build_model(make_opt(tmp_path, val={}, channels_last=True))
     assert cl.net_g.body[0].weight.is_contiguous(memory_format=torch.channels_last)
     cl.net_g.load_state_dict(plain.net_g.state_dict())
-    data = batch()
+    data = model_batch()
     for m in (plain, cl):
         m.feed_data(data)
         m.test()
@@ -231,7 +193,7 @@ def test_compile_trains_and_validates_a_small_dncnn_on_the_cpu(tmp_path):
     eager = build_model(make_opt(tmp_path, network_g=dict(net)))
     model = build_model(make_opt(tmp_path, network_g=dict(net), compile=True))
     model.net_g.load_state_dict(eager.net_g.state_dict())
-    data = batch()
+    data = model_batch()
     for m in (eager, model):
         m.feed_data(data)
         m.optimize_parameters(1)

@@ -1,7 +1,5 @@
-"""scripts/visualize_attention.py on small trained-like NLRN / N3Net / injected networks: PNG files of the
-expected size, and the weights drawn sum to one per query."""
-import importlib.util
-import os
+"""The visualize_attention command (scripts/visualize_attention.py) on small trained-like NLRN / N3Net /
+injected networks: PNG files of the expected size, and the weights drawn sum to one per query."""
 
 import cv2
 import numpy as np
@@ -9,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from nl_plugin.analysis.commands import visualize_attention
 from nl_plugin.analysis.networks import build_network
 
 pytest.importorskip('matplotlib')
@@ -22,13 +20,6 @@ INJECTED = {'type': 'NonLocalInjection',
             'blocks': [{'after': 'body.1', 'type': 'WindowedNonLocalBlock', 'nl_scope': 'window', 'window_size': 5,
                         'num_embed': 4}]}
 PANEL, CBAR, TITLE = 128, 56, 28
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'scripts', f'{name}.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope='module')
@@ -48,7 +39,7 @@ def files(tmp_path_factory):
 
 def _run(files, name, *extra):
     out = files / f'{name}_{len(extra)}.png'
-    res = _script('visualize_attention').main(
+    res = visualize_attention(
         ['-opt', str(files / f'{name}.yml'), '--weights', str(files / f'{name}.pth'), '--image', str(files / 'img.png'),
          '--out', str(out), '--save_arrays', str(files / f'{name}.npz')] + list(extra))
     png = cv2.imread(str(out))
@@ -88,3 +79,9 @@ def test_block_inserted_into_another_network(files):
 def test_bad_block_index_is_one_clear_error(files):
     with pytest.raises(ValueError, match=r'has 2 non-local blocks \(0..1\)'):
         _run(files, 'n3net', '--block', '2')
+
+
+def test_set_takes_key_value_pairs(capsys):
+    with pytest.raises(SystemExit):
+        visualize_attention(['-opt', 'x.yml', '--image', 'x.png', '--out', 'o.png', '--set', 'window_size'])
+    assert "expected KEY=VALUE, got 'window_size'" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nl_plugin.archs.arch_util import run_sequential
 from nl_plugin.ops import n3 as n3ops
+from nl_plugin.ops.nlrn_attention.common import border_rule
 
 
 @dataclass
@@ -49,15 +50,14 @@ class PixelAttention:
 def key_positions(center, size, window_size, border):
     """Key rows (or columns) of the window around ``center`` on an axis of ``size`` pixels (sorted, unique).
 
-    Window 0 (global scope): the whole axis. ``'exclude'``: the window clipped at the border.
-    ``'circular'``: positions within circular distance r (``window_mask``'s rule), each once.
+    Window 0 (global scope): the whole axis. Else the window's keys by ``Border.key`` (each once):
+    ``'exclude'``: the window clipped at the border; ``'circular'``: wrapped round.
     """
     if not window_size:
         return torch.arange(size)
     r = window_size // 2
-    if border == 'circular':
-        return torch.unique((torch.arange(-r, r + 1) + center) % size)
-    return torch.arange(max(center - r, 0), min(center + r + 1, size))
+    idx, valid = border_rule(border).key(torch.arange(-r, r + 1) + center, size)
+    return torch.unique(idx[valid])
 
 
 def _normalize(logits, normalization):

@@ -9,12 +9,17 @@
   with zero-initialised weights (NLRN's g, the injection adapters) given small random values.
 """
 import copy
+import os
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from nl_plugin.utils import reset_rss_peak, rss_mb
 
 _VIEWS = ('View', 'Reshape', 'Alias', 'T', 'Transpose', 'Permute', 'Expand', 'Squeeze', 'Unsqueeze', 'Clone',
           'ToCopy', 'Select', 'Slice', 'Unsafe', 'Contiguous')
@@ -208,5 +213,97 @@ def format_table(rows, size):
     return '\n'.join(lines)
 
 
+#: the folder holding the nl_plugin package (and options/ in a checkout)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: injection option files whose networks the table shows next to their bases
+OPTION_FILES = ('options/train_edsr_n3.yml', 'options/train_rrdb_nonlocal.yml')
+
+
+def all_cases(option_files=OPTION_FILES, root=ROOT):
+    """Table rows: paper networks, the hybrids of the injection option files, then every other registered arch."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+    cases = list(PAPER_CASES)
+    for path in option_files:
+        cases += option_file_case(os.path.join(root, path))
+    covered = {c.net_opt['type'] for c in cases}
+    ours = sorted(name for name, obj in ARCH_REGISTRY if getattr(obj, '__module__', '').startswith('nl_plugin.'))
+    return cases + block_cases([n for n in ours if n not in covered])
+
+
+def _run_once(net, x, device):
+    """Seconds of one ``net(x)`` without autograd."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        net(x)
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def _memory_mb(net, x, device):
+    """MB one ``net(x)`` (eval, no autograd) needs above the memory live before it, after a warm-up run."""
+    _run_once(net, x, device)
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated() / 2**20
+        _run_once(net, x, device)
+        return torch.cuda.max_memory_allocated() / 2**20 - start
+    if not reset_rss_peak():
+        return float('nan')
+    start = rss_mb('VmRSS')
+    _run_once(net, x, device)
+    return rss_mb('VmHWM') - start
+
+
+def injection_overhead(net_opt, size=(321, 481), device='cpu', repeats=3):
+    """Time and memory each inserted block of a ``NonLocalInjection`` network adds to one forward.
+
+    The base alone and the base with each block on its own run on the same random input (eval mode, no
+    autograd). Each block's network is timed alternately with the base, ``repeats`` times after a warm-up,
+    and the medians are compared, so that a machine whose speed drifts affects both alike. Memory: CUDA peak
+    allocation, or on the CPU the peak RSS above the RSS the run starts from.
+
+    Args:
+        net_opt (dict): ``network_g`` of type NonLocalInjection (e.g. from an option file).
+        size (tuple[int, int]): Input (H, W). Default: 481x321 (BSD68 landscape).
+        device (str): 'cpu' or 'cuda'.
+        repeats (int): Timed runs per network.
+
+    Returns:
+        list[dict]: First the base (``seconds``, ``mb``), then per block ``block``, ``seconds``, ``mb``,
+        ``added_seconds`` and ``added_mb`` (the block's network against the base timed next to it).
+    """
+    from nl_plugin.analysis.networks import build_network
+    opt = dict(net_opt, base_pretrained=None)
+    blocks = opt.pop('blocks', []) or []
+    x = torch.rand(1, opt['base'].get('num_in_ch', 3), *size, generator=torch.Generator().manual_seed(0)).to(device)
+    base = build_network(dict(opt, blocks=[])).to(device).eval()
+    base_mb = _memory_mb(base, x, device)
+    rows, base_times = [{'block': 'base alone', 'mb': base_mb}], []
+    for spec in blocks:
+        net = build_network(dict(opt, blocks=[spec])).to(device).eval()
+        mb = _memory_mb(net, x, device)
+        pairs = [(_run_once(base, x, device), _run_once(net, x, device)) for _ in range(repeats)]
+        t_base, t_net = (statistics.median(p) for p in zip(*pairs))
+        base_times.append(t_base)
+        rows.append({'block': f"after {spec['after']}: {spec['type']}", 'seconds': t_net, 'mb': mb,
+                     'added_seconds': t_net - t_base, 'added_mb': mb - base_mb})
+        del net
+    rows[0]['seconds'] = statistics.median(base_times) if base_times else statistics.median(
+        _run_once(base, x, device) for _ in range(repeats))
+    return rows
+
+
+def format_overhead(rows, size, device):
+    """``injection_overhead``'s rows as a text table."""
+    lines = [f'per inserted block at {size[1]}x{size[0]} ({device}, eval, no autograd)',
+             f"{'block':<44}{'s':>9}{'MB':>9}{'+s':>9}{'+MB':>9}"]
+    for r in rows:
+        extra = f"{r['added_seconds']:>9.3f}{r['added_mb']:>9.0f}" if 'added_seconds' in r else ''
+        lines.append(f"{r['block']:<44}{r['seconds']:>9.3f}{r['mb']:>9.0f}{extra}")
+    return '\n'.join(lines)
+
+
 __all__ = ['count_parameters', 'multiply_adds', 'graph_depth', 'receptive_field', 'Case', 'PAPER_CASES',
-           'block_cases', 'option_file_case', 'stats_row', 'format_table']
+           'block_cases', 'option_file_case', 'stats_row', 'format_table',
+           'ROOT', 'OPTION_FILES', 'all_cases', 'injection_overhead', 'format_overhead']

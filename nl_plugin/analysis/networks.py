@@ -14,11 +14,10 @@ from nl_plugin.config_checks import check_kwargs
 def parse_overrides(items):
     """``['key=value', ...]`` -> dict, values read as YAML (``window_size=45``, ``nl_scope=window``, ``x=~``)."""
     out = {}
+    from nl_plugin.utils import key_value_arg
     for item in items or ():
-        if '=' not in item:
-            raise ValueError(f'--set {item!r}: expected key=value')
-        key, value = item.split('=', 1)
-        out[key.strip()] = yaml.safe_load(value)
+        key, value = key_value_arg(item)
+        out[key] = value
     return out
 
 

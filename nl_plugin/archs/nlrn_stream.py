@@ -40,7 +40,7 @@ class _Context:
         self.x = x.transpose(2, 3).contiguous() if self.transpose else x
         self.h = self.x.shape[2]
         blk = net.nonlocal_blocks[0]
-        self.py = window_geometry(self.h, self.x.shape[3], blk.window_size, 'exclude').py
+        self.py = window_geometry(self.h, self.x.shape[3], blk.window_size, blk.border).py
         self.out = torch.empty_like(self.x)
         # (conv, dtype) -> weights in the dtype the row convs run in (the autocast dtype, fp32 for the head):
         # cast once, not again for every band
@@ -178,7 +178,7 @@ class _Attend(_Stage):
         q = blk.embed(z.permute(0, 2, 3, 1), key_value=False)[0]
         prev = ctx.logits.pop((self.index - 1, a), None) if self.carry_in else None
         res = window_attention_rows(q, k, v, a - lo, blk.window_size, blk.normalization, prev_logits=prev,
-                                    return_logits=self.carry_out, image_height=ctx.h)
+                                    return_logits=self.carry_out, image_height=ctx.h, border=blk.border)
         if self.carry_out:
             res, ctx.logits[(self.index, a)] = res
         return (self.step.add_attention(z, res.permute(0, 3, 1, 2), inplace=True), )
@@ -262,7 +262,7 @@ def _ensure(st, e, h, readers):
 
 @torch.no_grad()
 def stream_forward(net, x: torch.Tensor) -> torch.Tensor:
-    """Window-scope inference of ``net`` (an ``NLRN`` in eval mode, border 'exclude') as a wavefront.
+    """Window-scope inference of ``net`` (an ``NLRN`` in eval mode, a border in ``STREAM_BORDERS``) as a wavefront.
 
     Args:
         net (NLRN): The network.

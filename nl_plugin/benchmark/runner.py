@@ -23,7 +23,7 @@ import sys
 import time
 
 from ..fileio import atomic_write
-from ..utils import run_process_group
+from ..utils import cpuinfo_field, reset_rss_peak, rss_mb, run_process_group
 from .network_cases import CASES as NETWORK_CASES
 from .op_cases import OP_CASES
 
@@ -35,26 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _status_gb(field):
     """VmRSS / VmHWM of this process in GB (Linux), or None."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
-def _reset_rss_peak():
-    """Return freed heap memory to the OS and reset the peak-RSS mark; True if the mark was reset."""
-    import ctypes
-    try:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except (OSError, AttributeError):     # not Linux / not glibc
-        return False
+    mb = rss_mb(field)
+    return None if mb is None else mb / 1024
 
 
 def worker(name, device, quick, repeats, budget):
@@ -67,7 +49,7 @@ def worker(name, device, quick, repeats, budget):
     (spec.get('warmup') or spec['fn'])()
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    elif _reset_rss_peak() and _status_gb('VmRSS') is not None:
+    elif reset_rss_peak() and _status_gb('VmRSS') is not None:
         base_gb = _status_gb('VmRSS')
     times = []
     start = time.perf_counter()
@@ -158,12 +140,8 @@ def ratios(results):
 
 
 def _cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
-        return f'{names[0]} ({os.cpu_count()} cores)'
-    except (OSError, IndexError):
-        return platform.processor() or 'cpu'
+    name = cpuinfo_field('model name')
+    return f'{name} ({os.cpu_count()} cores)' if name else platform.processor() or 'cpu'
 
 
 def print_table(results, meta):

@@ -103,7 +103,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
         Tensor | tuple[Tensor, Tensor]: out (B, H, W, C) [, logits (B, H, W, P)].
     """
     check_qkv(q, k, v)
-    if check_window_args(window_size, border, normalization) is None:
+    if check_window_args(window_size, border, normalization, size=q.shape[1:3]) is None:
         raise ValueError('window_attention needs a window_size >= 1; use global_attention for global')
     q, k, v = to_compute(q), to_compute(k), to_compute(v)
     kernel = route_window(grad=requires_grad(q, k, v, prev_logits), normalization=normalization,
@@ -132,7 +132,7 @@ def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
         tuple[Tensor, CorrelationState | None]: out (B, H, W, C) and the new state.
     """
     check_qkv(q, k, v)
-    window_size = check_window_args(window_size, border, normalization)
+    window_size = check_window_args(window_size, border, normalization, size=q.shape[1:3])
     q, k, v = to_compute(q), to_compute(k), to_compute(v)
     carried = None if state is None else state.layout
     grad = requires_grad(q, k, v) if state is None else requires_grad(q, k, v, state.q, state.k, state.logits)

@@ -13,14 +13,78 @@ Measured on random embeddings with logits up to 75: 1.35% relative output error 
 comes from rounding q, k, v themselves. The weights enter the value product in the autocast dtype (they are
 in [0, 1]; at most a relative 2^-8 per weight).
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from ..amp import to_accum
 
 NORMALIZATIONS = ('softmax', 'count')
-BORDERS = ('exclude', 'circular')
+
+
+class Border(NamedTuple):
+    """How the q x q window meets the image border: the one statement of the rule every kernel derives from.
+
+    Along an axis of n pixels the window of query i reaches the key positions i + o, |o| <= r = q // 2.
+    ``key`` says which pixel a key position is and whether it is a key at all; ``distance`` is the same
+    rule as a predicate on two pixels (``key`` and ``distance`` agree: tests/test_border_rule.py), for the
+    kernels that test pixel pairs (the dense mask, FlexAttention's block mask); ``reach`` clamps the offsets
+    kept in the compact logits layout. A new border mode is one more entry of ``BORDER_RULES``.
+    """
+    name: str
+    wraps: bool     # positions outside the image are those of the opposite side; else they hold no key
+
+    def key(self, pos: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(index, valid) of the key positions ``pos`` (int tensor, any values) on an axis of n pixels.
+
+        'circular': every position is a key, the pixel ``pos mod n``. 'exclude': only the positions in
+        the image are keys (left out of the normalisation); the index of the others is clamped into the
+        image so that it can be gathered, and masked.
+        """
+        if self.wraps:
+            return pos % n, torch.ones_like(pos, dtype=torch.bool)
+        return pos.clamp(0, n - 1), (pos >= 0) & (pos < n)
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor, n) -> torch.Tensor:
+        """Window distance of pixels a and b on an axis of n: b is in the window of a iff it is <= r."""
+        d = (a - b).abs()
+        return torch.minimum(d, n - d) if self.wraps else d
+
+    def all_keys(self, lo: int, hi: int, n: int) -> bool:
+        """Whether every key position lo .. hi-1 on an axis of n pixels is a key (no border masking needed)."""
+        return self.wraps or (lo >= 0 and hi <= n)
+
+    def reach(self, window_size: int, n: int) -> int:
+        """Largest offset |o| <= r at which a key can lie on an axis of n pixels (the compact layout keeps these).
+
+        A wrapping window must fit the image (else a pixel would be its own neighbour twice).
+        """
+        r = window_size // 2
+        if self.wraps:
+            if window_size > n:
+                raise ValueError(f'border={self.name!r} needs window_size <= image size, got window_size='
+                                 f'{window_size} for an image side of {n} pixels')
+            return r
+        return min(r, n - 1)
+
+    @property
+    def streams(self) -> bool:
+        """Whether a band of rows needs only the rows within the window's reach (so bands of rows can be
+        computed alone, ``window_attention_rows``): true unless the window wraps round to the far side."""
+        return not self.wraps
+
+
+BORDER_RULES = {b.name: b for b in (Border('exclude', wraps=False), Border('circular', wraps=True))}
+BORDERS = tuple(BORDER_RULES)
+# Borders a network may stream in bands of rows (``router.route_network``, ``window_attention_rows``).
+STREAM_BORDERS = tuple(name for name, rule in BORDER_RULES.items() if rule.streams)
+
+
+def border_rule(border: str) -> Border:
+    """The ``Border`` named ``border`` (one of ``BORDERS``)."""
+    if border not in BORDER_RULES:
+        raise ValueError(f'border must be one of {BORDERS}, got {border!r}')
+    return BORDER_RULES[border]
 
 # fp32 softmax of logits spread over a wide range is slow on the CPU: torch's vectorised exp leaves
 # its fast path for arguments below about -87 (10x slower), and weights near 1e-38 make the value
@@ -30,20 +94,21 @@ BORDERS = ('exclude', 'circular')
 LOGIT_RANGE = 30.0
 
 
-def check_window_args(window_size: Optional[int], border: str = 'exclude',
-                      normalization: str = 'softmax') -> Optional[int]:
+def check_window_args(window_size: Optional[int], border: str = 'exclude', normalization: str = 'softmax',
+                      size: Optional[Tuple[int, int]] = None) -> Optional[int]:
     """Validate the neighbourhood arguments of the attention ops.
 
     Args:
         window_size (int | None): Odd window side q >= 1, or None for global attention (whole tensor).
         border (str): One of ``BORDERS``.
         normalization (str): One of ``NORMALIZATIONS``.
+        size (tuple[int, int], optional): (H, W) of the image: also check that the window suits it
+            (``Border.reach``).
 
     Returns:
         int | None: ``window_size``.
     """
-    if border not in BORDERS:
-        raise ValueError(f'border must be one of {BORDERS}, got {border!r}')
+    border_rule(border)
     if normalization not in NORMALIZATIONS:
         raise ValueError(f'normalization must be one of {NORMALIZATIONS}, got {normalization!r}')
     if window_size is None:
@@ -52,6 +117,8 @@ def check_window_args(window_size: Optional[int], border: str = 'exclude',
         raise ValueError(f'window_size must be an odd int >= 1 (None: global attention), got {window_size!r}')
     if window_size % 2 == 0:
         raise ValueError(f'window_size must be odd (window centred on the pixel), got {window_size}')
+    for n in size or ():
+        border_rule(border).reach(window_size, n)
     return window_size
 
 
@@ -74,13 +141,18 @@ def requires_grad(*tensors: Optional[torch.Tensor]) -> bool:
 class WindowGeometry(NamedTuple):
     """Reach of the q x q window on an image: radius ``r`` and the offsets kept in the compact layout.
 
-    ``py``/``px`` are the row/column reach: ``r``, except for border 'exclude' on an image smaller than
-    the window, where keys further than h-1 rows (w-1 columns) away are never inside the image.
+    ``py``/``px`` are the row/column reach (``Border.reach``): ``r``, except for border 'exclude' on an image
+    smaller than the window, where keys further than h-1 rows (w-1 columns) away are never inside the image.
     """
     r: int
     py: int
     px: int
-    circular: bool
+    border: Border
+
+    @property
+    def circular(self) -> bool:
+        """The window wraps round the image (``border.wraps``): the flag a compiled kernel specialises on."""
+        return self.border.wraps
 
     @property
     def kh(self) -> int:
@@ -98,13 +170,8 @@ class WindowGeometry(NamedTuple):
 
 def window_geometry(h: int, w: int, window_size: int, border: str) -> WindowGeometry:
     """The one place the window radius is clamped to the image (see ``WindowGeometry``)."""
-    r = window_size // 2
-    if border == 'circular':
-        if window_size > h or window_size > w:
-            raise ValueError(f"border='circular' needs window_size <= image size, got window_size="
-                             f'{window_size} for a {h}x{w} image')
-        return WindowGeometry(r, r, r, True)
-    return WindowGeometry(r, min(r, h - 1), min(r, w - 1), False)
+    rule = border_rule(border)
+    return WindowGeometry(window_size // 2, rule.reach(window_size, h), rule.reach(window_size, w), rule)
 
 
 def window_mask(h: int, w: int, window_size: Optional[int], border: str = 'exclude',
@@ -118,7 +185,7 @@ def window_mask(h: int, w: int, window_size: Optional[int], border: str = 'exclu
             (wrap-around distance).
         device (torch.device, optional): Device of the mask.
     """
-    return dense_window_mask(h, w, check_window_args(window_size, border), border, device)
+    return dense_window_mask(h, w, check_window_args(window_size, border, size=(h, w)), border, device)
 
 
 def dense_window_mask(h: int, w: int, window_size: Optional[int], border: str,
@@ -127,12 +194,11 @@ def dense_window_mask(h: int, w: int, window_size: Optional[int], border: str,
     n = h * w
     if window_size is None:
         return torch.ones(n, n, dtype=torch.bool, device=device)
-    r = window_size // 2
+    r, rule = window_size // 2, border_rule(border)
 
-    def near(size):   # (size, size): positions within r of each other (wrap-around if circular)
+    def near(size):   # (size, size): pixels within the window's distance r of each other
         i = torch.arange(size, device=device)
-        d = (i[:, None] - i[None, :]).abs()
-        return (torch.minimum(d, size - d) if border == 'circular' else d) <= r
+        return rule.distance(i[:, None], i[None, :], size) <= r
     # Row and column conditions combined as an outer AND: no (N, N) integer temporaries.
     return (near(h)[:, None, :, None] & near(w)[None, :, None, :]).reshape(n, n)
 
@@ -182,6 +248,6 @@ def normalize_attention(logits: torch.Tensor, normalization: str, invalid: Optio
     return logits / count
 
 
-__all__ = ['NORMALIZATIONS', 'BORDERS', 'LOGIT_RANGE', 'check_window_args', 'check_qkv', 'requires_grad',
-           'WindowGeometry', 'window_geometry', 'window_mask', 'dense_window_mask', 'range_limited_softmax',
-           'normalize_attention']
+__all__ = ['NORMALIZATIONS', 'Border', 'BORDER_RULES', 'BORDERS', 'STREAM_BORDERS', 'border_rule', 'LOGIT_RANGE',
+           'check_window_args', 'check_qkv', 'requires_grad', 'WindowGeometry', 'window_geometry', 'window_mask',
+           'dense_window_mask', 'range_limited_softmax', 'normalize_attention']

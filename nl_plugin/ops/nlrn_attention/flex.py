@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .common import requires_grad, window_geometry
+from .common import border_rule, requires_grad, window_geometry
 from .halo import halo_attention
 from .halo_inference import strips_attention
 from .state import CorrelationState, Layout
@@ -93,15 +93,14 @@ def window_mask_mod(grid: TokenGrid, window_size: int, border: str, device: torc
     The geometry is captured as tensors, not Python ints: a compiled kernel then serves every image size.
     """
     h, w, ntx, r = (torch.tensor(n, device=device) for n in (grid.h, grid.w, grid.ntx, window_size // 2))
-    circular = border == 'circular'
+    rule = border_rule(border)
 
     def position(i):
         tile, within = i // BLOCK, i % BLOCK
         return (tile // ntx) * TILE_H + within // TILE_W, (tile % ntx) * TILE_W + within % TILE_W
 
     def near(a, b, n):
-        d = (a - b).abs()
-        return (torch.minimum(d, n - d) if circular else d) <= r
+        return rule.distance(a, b, n) <= r
 
     def mask_mod(b, head, q_idx, kv_idx):
         yq, xq = position(q_idx)
@@ -110,15 +109,13 @@ def window_mask_mod(grid: TokenGrid, window_size: int, border: str, device: torc
     return mask_mod
 
 
-def _axis_blocks(n, tile, r, circular, device):
+def _axis_blocks(n, tile, r, rule, device):
     """Tiles of one axis: (any, all) of 'both positions in the image and within r' for each tile pair."""
     nt = -(-n // tile)
     pos = torch.arange(nt * tile, device=device)
-    d = (pos[:, None] - pos[None, :]).abs()
-    if circular:
-        d = torch.minimum(d, n - d)
     inside = pos < n
-    near = ((d <= r) & inside[:, None] & inside[None, :]).view(nt, tile, nt, tile)
+    near = ((rule.distance(pos[:, None], pos[None, :], n) <= r) & inside[:, None] & inside[None, :])
+    near = near.view(nt, tile, nt, tile)
     return near.any(3).any(1), near.all(3).all(1)
 
 
@@ -139,9 +136,9 @@ def window_block_mask(h: int, w: int, window_size: int, border: str, device: tor
     the pair's test is the AND of a row-tile test and a column-tile test, so the lists come from two
     small per-axis tables (no (N, N) or (tiles, tiles) table).
     """
-    grid, r, circular = token_grid(h, w), window_size // 2, border == 'circular'
-    rows_any, rows_all = _axis_blocks(h, TILE_H, r, circular, device)
-    cols_any, cols_all = _axis_blocks(w, TILE_W, r, circular, device)
+    grid, r, rule = token_grid(h, w), window_size // 2, border_rule(border)
+    rows_any, rows_all = _axis_blocks(h, TILE_H, r, rule, device)
+    cols_any, cols_all = _axis_blocks(w, TILE_W, r, rule, device)
     ar_y, ar_x = torch.arange(grid.nty, device=device), torch.arange(grid.ntx, device=device)
     ny, ry = _first(rows_any, ar_y.expand(grid.nty, -1))            # key tile rows of each query tile row
     nx, rx = _first(cols_any, ar_x.expand(grid.ntx, -1))

@@ -19,11 +19,9 @@ def default_block(h: int, w: int) -> int:
     return max(1, min(8, h, w))
 
 
-def _padded_index(n, pad_lo, pad_hi, circular, device):
-    pos = torch.arange(-pad_lo, n + pad_hi, device=device)
-    valid = (pos >= 0) & (pos < n)
-    idx = pos % n if circular else pos.clamp(0, n - 1)
-    return idx, valid | circular
+def _padded_index(n, pad_lo, pad_hi, rule, device):
+    """Pixel index and validity of the key positions -pad_lo .. n+pad_hi of an axis (``Border.key``)."""
+    return rule.key(torch.arange(-pad_lo, n + pad_hi, device=device), n)
 
 
 class _Halo(NamedTuple):
@@ -48,8 +46,8 @@ def _halo_setup(q, k, v, geo: WindowGeometry, b) -> _Halo:
     rh, rw = b + 2 * py, b + 2 * px
     dev = q.device
     # Padded keys/values (rows -py .. hq+py, cols -px .. wq+px) and which of them are in the image.
-    iy, vy = _padded_index(h, py, py + hq - h, geo.circular, dev)
-    ix, vx = _padded_index(w, px, px + wq - w, geo.circular, dev)
+    iy, vy = _padded_index(h, py, py + hq - h, geo.border, dev)
+    ix, vx = _padded_index(w, px, px + wq - w, geo.border, dev)
     kp = k.index_select(1, iy).index_select(2, ix)
     vp = v.index_select(1, iy).index_select(2, ix)
     qp = F.pad(q, (0, 0, 0, wq - w, 0, hq - h))

@@ -8,17 +8,29 @@ are the (kh, kw) sub-block of its halo logits starting at region cell (i, j); ov
 the strided view ``_compact_view`` (no gather). The normalisation runs on the compact layout and the
 weights go into the same view of a halo buffer whose other entries stay zero, for the value matmul.
 Same result as the autograd kernel (``halo.py``), with few copies and buffers reused across blocks.
+Roles: ``_Plan`` (geometry and batching), one class per logits layout behind one ``update`` (none
+carried: ``_ScratchLogits``; image layout: ``_ImageLogits``; block layout: ``_BlockLogits``), and
+``_StripsKernel`` (buffers and the loops over batches of blocks).
 Under autocast (q, k, v in bf16/fp16) the halo logits ``s``, the strips and the halo weights are in that
 dtype (operands and output of the two matmuls); the carried and fresh in-window logits and the softmax are
 fp32 (``common.py``).
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..amp import accum_dtype, to_compute
-from .common import WindowGeometry, check_qkv, check_window_args, normalize_attention, requires_grad, window_geometry
+from .common import (
+    STREAM_BORDERS,
+    WindowGeometry,
+    border_rule,
+    check_qkv,
+    check_window_args,
+    normalize_attention,
+    requires_grad,
+    window_geometry,
+)
 
 FAST_BLOCK = 8               # query block side of this kernel (the block logits layout depends on it)
 _GROUP_BYTES = 3 * 2**20     # halo logits of one group of query blocks stay cache-resident
@@ -63,127 +75,237 @@ def _fill_strips(strips, k, v, lo, g, b, rw, py):
                 st[:, s0 - a:s1 - a] = src[:, s0:s1]
 
 
-class _StripsKernel:
-    """One call of ``strips_attention``: geometry, reused buffers and the loops over groups of blocks."""
+class _Plan(NamedTuple):
+    """Geometry of one ``strips_attention`` call and how its query blocks are batched.
 
-    def __init__(self, q, k, v, geo, normalization, prev_logits, return_logits, b, blocks, col0):
-        self.q, self.k, self.v, self.geo, self.normalization = q, k, v, geo, normalization
-        self.prev_logits, self.return_logits = prev_logits, return_logits
-        self.b, self.blocks, self.col0 = b, blocks, col0
-        bsz, h, wk, d = k.shape
-        self.h, self.wk, self.d, self.w, self.c = h, wk, d, q.shape[2], v.shape[-1]
-        kh, kw, p, py = geo.kh, geo.kw, geo.p, geo.py
-        self.nby, self.nbx = -(-h // b), -(-self.w // b)
-        self.hq = self.nby * b
-        self.rh, self.rw = b + 2 * py, b + 2 * geo.px
-        rr, bb = self.rh * self.rw, b * b
-        # Blocks per batched matmul: a group of g block columns, or for a single block column (a band,
-        # see ``window_attention_rows``) m block rows, so that their halo logits stay cache-resident.
-        acc = accum_dtype(q)     # in-window logits and softmax; q, k, v and the matmuls stay in q's dtype
-        n_max = max(1, _GROUP_BYTES // (bb * rr * q.element_size()))
-        self.g_max = min(self.nbx, n_max)
-        image_logits = not blocks and (prev_logits is not None or return_logits)
-        self.m_max = min(self.nby, n_max) if self.g_max == 1 and not image_logits else 1
-        n_max = max(self.g_max, self.m_max)
-        self.out = q.new_empty(bsz, h, self.w, self.c)
+    A batched matmul takes either ``g`` <= ``g_max`` block columns of one block row (``m = 1``) or, for a
+    single block column (a band, see ``window_attention_rows``), ``m`` <= ``m_max`` block rows of it
+    (``g = 1``), so that their halo logits stay cache-resident (``_GROUP_BYTES``).
+    """
+    geo: WindowGeometry
+    b: int          # query block side
+    h: int          # image rows (of queries and keys)
+    w: int          # query columns
+    wk: int         # key columns
+    col0: int       # key column of the first query column
+    nby: int        # block rows
+    nbx: int        # block columns
+    g_max: int
+    m_max: int
+
+    @property
+    def hq(self) -> int:
+        """Rows padded to whole blocks."""
+        return self.nby * self.b
+
+    @property
+    def rh(self) -> int:
+        return self.b + 2 * self.geo.py
+
+    @property
+    def rw(self) -> int:
+        return self.b + 2 * self.geo.px
+
+    @property
+    def n_max(self) -> int:
+        """Blocks of the largest batch."""
+        return max(self.g_max, self.m_max)
+
+
+def _plan(q, k, geo, b, col0, rows_batchable) -> _Plan:
+    """``rows_batchable``: batches of block rows are allowed (not with image-layout logits, written per row)."""
+    _, h, wk, _ = k.shape
+    w = q.shape[2]
+    nby, nbx = -(-h // b), -(-w // b)
+    n_max = max(1, _GROUP_BYTES // (b * b * (b + 2 * geo.py) * (b + 2 * geo.px) * q.element_size()))
+    g_max = min(nbx, n_max)
+    m_max = min(nby, n_max) if g_max == 1 and rows_batchable else 1
+    return _Plan(geo, b, h, w, wk, col0, nby, nbx, g_max, m_max)
+
+
+class _Batch(NamedTuple):
+    """One batched matmul: ``g`` block columns from ``gx0`` times ``m`` block rows from ``by`` of item ``bi``."""
+    bi: int
+    gx0: int
+    g: int
+    by: int
+    m: int
+    yn: int     # real query rows
+    xn: int     # real query columns
+
+    @property
+    def n(self) -> int:
+        return self.g * self.m
+
+
+class _ScratchLogits:
+    """No logits carried in or out: each batch's fresh in-window logits go to a reused scratch buffer."""
+    rows_batchable = True
+
+    def __init__(self, plan: _Plan, q: torch.Tensor, acc: torch.dtype):
+        geo = plan.geo
+        self.buf = q.new_empty(plan.n_max, plan.b, plan.b, geo.kh, geo.kw, dtype=acc)
+
+    def update(self, cview: torch.Tensor, bt: _Batch) -> torch.Tensor:
+        return self.buf[:bt.n].copy_(cview)
+
+    def result(self):
+        return None
+
+
+class _ImageLogits:
+    """Logits in the image layout (B, H, Wq, P), carried in (``prev``, updated in place when returned) and/or
+    out. A batch holds one block row (its logits are rows of the image)."""
+    rows_batchable = False
+
+    def __init__(self, plan: _Plan, q: torch.Tensor, acc: torch.dtype, prev: Optional[torch.Tensor],
+                 return_logits: bool):
+        self.plan, self.prev = plan, prev
+        self.scratch = _ScratchLogits(plan, q, acc) if prev is None else None
         self.logits = None
-        if blocks and prev_logits is not None and tuple(prev_logits.shape) != (bsz, self.nby, self.nbx, bb, p):
-            raise ValueError(f'prev_logits in block layout must have shape {(bsz, self.nby, self.nbx, bb, p)}, '
-                             f'got {tuple(prev_logits.shape)}')
-        if blocks and prev_logits is not None:
-            self.logits = prev_logits                                                # updated in place
-        elif return_logits:
-            self.logits = prev_logits if prev_logits is not None else \
-                q.new_empty((bsz, self.nby, self.nbx, bb, p) if blocks else (bsz, h, self.w, p), dtype=acc)
-        self.offy = torch.arange(kh, device=q.device) - py
-        self.offx = torch.arange(kw, device=q.device) - geo.px
-        # Buffers reused by every batch of blocks (fewer allocations and page faults). ``a_buf``
-        # holds the attention weights in halo layout: the in-window entries of a block are the same
-        # strided view for every block, so the others are zeroed once here and never written.
+        if return_logits:
+            self.logits = prev if prev is not None else q.new_empty(q.shape[0], plan.h, plan.w, plan.geo.p,
+                                                                     dtype=acc)
+
+    def update(self, cview: torch.Tensor, bt: _Batch) -> torch.Tensor:
+        """L_t = L_{t-1} + q.k of the batch as (g, b, b, kh, kw); the returned logits' rows written."""
+        b, geo = self.plan.b, self.plan.geo
+        g, yn, xn = bt.g, bt.yn, bt.xn
+        y0, x0 = bt.by * b, bt.gx0 * b
+        if self.prev is None:
+            lg = self.scratch.update(cview, bt)
+        else:
+            prev = self.prev[bt.bi, y0:y0 + yn, x0:x0 + xn]
+            if yn < b or xn < g * b:
+                prev = F.pad(prev, (0, 0, 0, g * b - xn, 0, b - yn))
+            lg = cview + prev.reshape(b, g, b, geo.kh, geo.kw).transpose(0, 1)
+        if self.logits is not None:
+            self.logits[bt.bi, y0:y0 + yn, x0:x0 + xn] = lg.transpose(0, 1).reshape(b, g * b, geo.p)[:yn, :xn]
+        return lg
+
+    def result(self):
+        return self.logits
+
+
+class _BlockLogits:
+    """Logits in the block layout (B, nby, nbx, b*b, P): a batch's logits are one contiguous piece, updated
+    in place (``prev``) or written into a new tensor; the fresh logits go straight there."""
+    rows_batchable = True
+
+    def __init__(self, plan: _Plan, q: torch.Tensor, acc: torch.dtype, prev: Optional[torch.Tensor]):
+        shape = (q.shape[0], plan.nby, plan.nbx, plan.b * plan.b, plan.geo.p)
+        if prev is not None and tuple(prev.shape) != shape:
+            raise ValueError(f'prev_logits in block layout must have shape {shape}, got {tuple(prev.shape)}')
+        self.plan, self.carried = plan, prev is not None
+        self.logits = prev if prev is not None else q.new_empty(shape, dtype=acc)
+
+    def update(self, cview: torch.Tensor, bt: _Batch) -> torch.Tensor:
+        b, geo = self.plan.b, self.plan.geo
+        lg = self.logits[bt.bi, bt.by:bt.by + bt.m, bt.gx0:bt.gx0 + bt.g].view(bt.n, b, b, geo.kh, geo.kw)
+        return lg.add_(cview) if self.carried else lg.copy_(cview)
+
+    def result(self):
+        return self.logits
+
+
+def _logits_layout(plan_args, q, acc, prev_logits, return_logits, block_layout):
+    """The logits layout of a call (``_ScratchLogits``, ``_ImageLogits`` or ``_BlockLogits``) and its plan."""
+    if block_layout and (prev_logits is not None or return_logits):
+        plan = _plan(*plan_args, rows_batchable=True)
+        return plan, _BlockLogits(plan, q, acc, prev_logits)
+    if prev_logits is not None or return_logits:
+        plan = _plan(*plan_args, rows_batchable=False)
+        return plan, _ImageLogits(plan, q, acc, prev_logits, return_logits)
+    plan = _plan(*plan_args, rows_batchable=True)
+    return plan, _ScratchLogits(plan, q, acc)
+
+
+def _load_strips(plan: _Plan, strips, k, v, lo, hi, g):
+    """Key/value strips of ``g`` block columns reaching key columns lo .. hi of k (H, W, D), v (H, W, C):
+    gathered by ``Border.key`` where the window wraps, else copied and zero outside the image (those keys
+    are masked by ``_border_bias``)."""
+    b, py, rw, border = plan.b, plan.geo.py, plan.rw, plan.geo.border
+    if border.wraps:
+        dev = k.device
+        iy = border.key(torch.arange(-py, plan.hq + py, device=dev), plan.h)[0]
+        ix = border.key(torch.arange(lo, hi, device=dev), plan.wk)[0]
+        for buf, src in zip(strips, (k, v)):
+            buf[:g].copy_(src[iy][:, ix].unfold(1, rw, b).permute(1, 0, 3, 2))     # (g, hq+2py, rw, e)
+    else:
+        _fill_strips(strips, k, v, lo, g, b, rw, py)
+
+
+def _border_bias(plan: _Plan, lg, bt: _Batch, out=None):
+    """``lg`` (n, b, b, kh, kw) with out-of-image keys at -inf (written into ``out`` if given; carried logits
+    stay as they are). Dummy (padding) queries keep every key so that no row is empty."""
+    b, geo, dev = plan.b, plan.geo, lg.device
+    qy = bt.by * b + torch.arange(bt.m * b, device=dev)
+    qx = bt.gx0 * b + torch.arange(bt.g * b, device=dev)
+    ky = qy[:, None] + torch.arange(-geo.py, geo.py + 1, device=dev)[None, :]                  # (m*b, kh)
+    kx = plan.col0 + qx[:, None] + torch.arange(-geo.px, geo.px + 1, device=dev)[None, :]      # (g*b, kw)
+    ok_y = geo.border.key(ky, plan.h)[1] | (qy >= plan.h)[:, None]
+    ok_x = geo.border.key(kx, plan.wk)[1] | (qx >= plan.w)[:, None]
+    bias_y = torch.zeros(bt.m * b, geo.kh, dtype=lg.dtype, device=dev).masked_fill_(~ok_y, float('-inf'))
+    bias_x = torch.zeros(bt.g * b, geo.kw, dtype=lg.dtype, device=dev).masked_fill_(~ok_x, float('-inf'))
+    return torch.add(lg, bias_y.view(bt.m, b, 1, geo.kh, 1), out=out).add_(bias_x.view(bt.g, 1, b, 1, geo.kw))
+
+
+class _StripsKernel:
+    """One call of ``strips_attention``: the loops over groups of blocks, with buffers reused by every batch.
+
+    ``strips`` are the key and value strips (G, hq+2py, rw, D | C) of a group (rows outside the image zeroed
+    once here); ``s_buf`` the halo logits and ``a_buf`` the halo weights (operand of the value matmul: the
+    in-window entries of a block are the same strided view for every block, so the others are zeroed once
+    here and never written); ``sm_buf`` the range-limited softmax's buffer (fp32 softmax only).
+    """
+
+    def __init__(self, q, k, v, plan: _Plan, layout, normalization):
+        self.q, self.k, self.v, self.plan, self.layout, self.normalization = q, k, v, plan, layout, normalization
+        geo, n_max, bb = plan.geo, plan.n_max, plan.b * plan.b
+        acc = accum_dtype(q)     # in-window logits and softmax; q, k, v and the matmuls stay in q's dtype
         self.low_precision = acc != q.dtype
-        self.s_buf = q.new_empty(n_max, bb, rr, dtype=acc)     # halo logits
-        self.strips = tuple(q.new_empty(self.g_max, self.hq + 2 * py, self.rw, e) for e in (d, self.c))  # k, v
+        self.out = q.new_empty(k.shape[0], plan.h, plan.w, v.shape[-1])
+        self.s_buf = q.new_empty(n_max, bb, plan.rh * plan.rw, dtype=acc)
+        self.strips = tuple(q.new_empty(plan.g_max, plan.hq + 2 * geo.py, plan.rw, t.shape[-1]) for t in (k, v))
         for buf in self.strips:
-            buf[:, :py].zero_()
-            buf[:, py + h:].zero_()
-        self.a_buf = q.new_zeros(n_max, bb, rr)                # halo weights, operand of the value matmul
-        # Fresh logits of a batch when they are not written straight into block-layout carried logits.
-        fresh = prev_logits is None and not (blocks and return_logits)
-        self.lg_buf = q.new_empty(n_max, b, b, kh, kw, dtype=acc) if fresh else None
-        self.sm_buf = q.new_empty(n_max, bb, p, dtype=acc) if normalization == 'softmax' and acc == torch.float32 \
-            else None
+            buf[:, :geo.py].zero_()
+            buf[:, geo.py + plan.h:].zero_()
+        self.a_buf = q.new_zeros(n_max, bb, plan.rh * plan.rw)
+        self.sm_buf = q.new_empty(n_max, bb, geo.p, dtype=acc) \
+            if normalization == 'softmax' and acc == torch.float32 else None
 
     def run(self):
+        plan = self.plan
         for bi in range(self.k.shape[0]):
-            qp = F.pad(self.q[bi], (0, 0, 0, self.nbx * self.b - self.w, 0, self.hq - self.h))
-            for gx0 in range(0, self.nbx, self.g_max):
+            qp = F.pad(self.q[bi], (0, 0, 0, plan.nbx * plan.b - plan.w, 0, plan.hq - plan.h))
+            for gx0 in range(0, plan.nbx, plan.g_max):
                 self._group(bi, qp, gx0)
-        return (self.out, self.logits) if self.return_logits else self.out
+        return self.out, self.layout.result()
 
     def _group(self, bi, qp, gx0):
         """Queries of the block columns gx0 .. gx0+g of batch item ``bi`` (``qp``: its padded queries)."""
-        b, py, px, rw = self.b, self.geo.py, self.geo.px, self.rw
-        g = min(self.g_max, self.nbx - gx0)
+        plan = self.plan
+        b, px, c = plan.b, plan.geo.px, self.v.shape[-1]
+        g = min(plan.g_max, plan.nbx - gx0)
         x0 = gx0 * b
-        xn = min(g * b, self.w - x0)
-        # Key columns lo .. hi of this group, zero outside the image (or wrapped round if circular).
-        lo, hi = self.col0 + x0 - px, self.col0 + x0 + (g - 1) * b + rw - px
-        if self.geo.circular:
-            dev = self.q.device
-            iy = torch.arange(-py, self.hq + py, device=dev) % self.h
-            ix = torch.arange(lo, hi, device=dev) % self.wk
-            for buf, src in zip(self.strips, (self.k[bi], self.v[bi])):
-                buf[:g].copy_(src[iy][:, ix].unfold(1, rw, b).permute(1, 0, 3, 2))     # (g, hq+2py, rw, e)
-        else:   # zero outside the image (those keys are masked below)
-            _fill_strips(self.strips, self.k[bi], self.v[bi], lo, g, b, rw, py)
-        qs = qp[:, x0:x0 + g * b].reshape(self.hq, g, b, self.d).transpose(0, 1).contiguous()  # (g, hq, b, d)
-        grp_out = self.q.new_empty(g, self.hq, b, self.c)
-        for by in range(0, self.nby, self.m_max):
-            self._batch(bi, qs, grp_out, gx0, g, by, lo, hi)
-        self.out[bi, :, x0:x0 + xn] = grp_out[:, :self.h].transpose(0, 1).reshape(self.h, g * b, self.c)[:, :xn]
+        xn = min(g * b, plan.w - x0)
+        lo, hi = plan.col0 + x0 - px, plan.col0 + x0 + (g - 1) * b + plan.rw - px     # key columns of the group
+        _load_strips(plan, self.strips, self.k[bi], self.v[bi], lo, hi, g)
+        qs = qp[:, x0:x0 + g * b].reshape(plan.hq, g, b, -1).transpose(0, 1).contiguous()  # (g, hq, b, d)
+        grp_out = self.q.new_empty(g, plan.hq, b, c)
+        for by in range(0, plan.nby, plan.m_max):
+            m = min(plan.m_max, plan.nby - by)
+            bt = _Batch(bi, gx0, g, by, m, min(m * b, plan.h - by * b), xn)
+            self._batch(bt, qs, grp_out, lo, hi)
+        self.out[bi, :, x0:x0 + xn] = grp_out[:, :plan.h].transpose(0, 1).reshape(plan.h, g * b, c)[:, :xn]
 
-    def _logits(self, bi, cview, gx0, g, by, m, yn, xn):
-        """This batch's logits L_t = L_{t-1} + q.k as (n, b, b, kh, kw), written into carried logits if any."""
-        b, kh, kw = self.b, self.geo.kh, self.geo.kw
-        y0, x0, n = by * b, gx0 * b, g * m
-        if self.blocks and self.logits is not None:
-            lg = self.logits[bi, by:by + m, gx0:gx0 + g].view(n, b, b, kh, kw)
-            lg.add_(cview) if self.prev_logits is not None else lg.copy_(cview)
-        elif self.prev_logits is not None:     # image layout (m = 1)
-            prev = self.prev_logits[bi, y0:y0 + yn, x0:x0 + xn]
-            if yn < b or xn < g * b:
-                prev = F.pad(prev, (0, 0, 0, g * b - xn, 0, b - yn))
-            lg = cview + prev.reshape(b, g, b, kh, kw).transpose(0, 1)
-        else:
-            lg = self.lg_buf[:n].copy_(cview)
-        if self.return_logits and not self.blocks:
-            self.logits[bi, y0:y0 + yn, x0:x0 + xn] = lg.transpose(0, 1).reshape(b, g * b, self.geo.p)[:yn, :xn]
-        return lg
-
-    def _border_bias(self, lg, n, g, m, y0, x0):
-        """Out-of-image keys to -inf (into the softmax buffer when there is one; carried logits stay as they are).
-        Dummy (padding) queries keep every key so that no row is empty."""
-        b, kh, kw, dev = self.b, self.geo.kh, self.geo.kw, self.q.device
-        qy = y0 + torch.arange(m * b, device=dev)
-        qx = x0 + torch.arange(g * b, device=dev)
-        ky = qy[:, None] + self.offy[None, :]                                       # (m*b, kh)
-        kx = self.col0 + qx[:, None] + self.offx[None, :]                            # (g*b, kw)
-        ok_y = ((ky >= 0) & (ky < self.h)) | (qy >= self.h)[:, None]
-        ok_x = ((kx >= 0) & (kx < self.wk)) | (qx >= self.w)[:, None]
-        bias_y = torch.zeros(m * b, kh, dtype=lg.dtype, device=dev).masked_fill_(~ok_y, float('-inf'))
-        bias_x = torch.zeros(g * b, kw, dtype=lg.dtype, device=dev).masked_fill_(~ok_x, float('-inf'))
-        tgt = None if self.sm_buf is None else self.sm_buf[:n].view(n, b, b, kh, kw)
-        return torch.add(lg, bias_y.view(m, b, 1, kh, 1), out=tgt).add_(bias_x.view(g, 1, b, 1, kw))
-
-    def _batch(self, bi, qs, grp_out, gx0, g, by, lo, hi):
-        """One batched matmul: g block columns (m = 1) or m block rows of one column, from block row ``by``."""
-        b, geo, d = self.b, self.geo, self.d
-        m = min(self.m_max, self.nby - by)
-        n, y0, yn = g * m, by * b, min(m * b, self.h - by * b)                      # blocks; query rows
-        xn = min(g * b, self.w - gx0 * b)
-        keys, values = (_regions(st, g, m, y0, b, self.rh, self.rw) for st in self.strips)  # (n, rh*rw, d | c)
+    def _batch(self, bt: _Batch, qs, grp_out, lo, hi):
+        """One batched matmul of the queries ``qs`` (g, hq, b, d) of a group against their halo regions."""
+        plan = self.plan
+        b, geo, n, y0 = plan.b, plan.geo, bt.n, bt.by * plan.b
+        keys, values = (_regions(st, bt.g, bt.m, y0, b, plan.rh, plan.rw) for st in self.strips)  # (n, rh*rw, d|c)
         s, a = self.s_buf[:n], self.a_buf[:n]
-        qb = qs[:, y0:y0 + m * b].reshape(n, b * b, d)
+        qb = qs[:, y0:y0 + bt.m * b].reshape(n, b * b, -1)
         if self.low_precision:
             # bf16/fp16 batched matmuls take oneDNN's fast path only on whole contiguous batches (PyTorch
             # copies other layouts first): the copies of these per-batch contiguous regions are plain block
@@ -192,17 +314,17 @@ class _StripsKernel:
             s.copy_(torch.matmul(qb, keys.transpose(1, 2)))
         else:
             torch.matmul(qb, keys.transpose(1, 2), out=s)
-        cview = _compact_view(s, b, self.rh, self.rw, geo.kh, geo.kw)               # (n, b, b, kh, kw)
-        lg = self._logits(bi, cview, gx0, g, by, m, yn, xn)
-        interior = geo.circular or (y0 - geo.py >= 0 and y0 + m * b + geo.py <= self.h and lo >= 0 and hi <= self.wk)
+        lg = self.layout.update(_compact_view(s, b, plan.rh, plan.rw, geo.kh, geo.kw), bt)   # (n, b, b, kh, kw)
+        interior = (geo.border.all_keys(y0 - geo.py, y0 + bt.m * b + geo.py, plan.h)
+                    and geo.border.all_keys(lo, hi, plan.wk))
         if not interior:
-            lg = self._border_bias(lg, n, g, m, y0, gx0 * b)
+            lg = _border_bias(plan, lg, bt, None if self.sm_buf is None else self.sm_buf[:n].view_as(lg))
         # Range-limited softmax (fp32): an out-of-image key gets weight <= e^-30 instead of 0, but its
         # value in the strips is 0, so only the normaliser moves, by under fp32 resolution.
         wts = normalize_attention(lg.view(n, b * b, geo.p), self.normalization, count=geo.p if interior else None,
                                   softmax_buf=None if self.sm_buf is None else self.sm_buf[:n])
-        _compact_view(a, b, self.rh, self.rw, geo.kh, geo.kw).copy_(wts.view(n, b, b, geo.kh, geo.kw))
-        grp_out[:, y0:y0 + m * b] = torch.matmul(a, values).view(g, m * b, b, self.c)
+        _compact_view(a, b, plan.rh, plan.rw, geo.kh, geo.kw).copy_(wts.view(n, b, b, geo.kh, geo.kw))
+        grp_out[:, y0:y0 + bt.m * b] = torch.matmul(a, values).view(bt.g, bt.m * b, b, -1)
 
 
 @torch.no_grad()
@@ -227,19 +349,21 @@ def strips_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: Win
     Returns:
         Tensor | tuple[Tensor, Tensor]: out (B, H, Wq, C) [, logits].
     """
-    return _StripsKernel(q, k, v, geo, normalization, prev_logits, return_logits, block_size, block_layout,
-                         col0).run()
+    plan, layout = _logits_layout((q, k, geo, block_size, col0), q, accum_dtype(q), prev_logits, return_logits,
+                                  block_layout)
+    out, logits = _StripsKernel(q, k, v, plan, layout, normalization).run()
+    return (out, logits) if return_logits else out
 
 
 def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row0: int, window_size: int,
                           normalization: str = 'softmax', prev_logits: Optional[torch.Tensor] = None,
-                          return_logits: bool = False, image_height: Optional[int] = None):
-    """Window attention (border 'exclude') of a band of query rows; inference only.
+                          return_logits: bool = False, image_height: Optional[int] = None, border: str = 'exclude'):
+    """Window attention of a band of query rows, for a border that does not wrap; inference only.
 
     Lets a network process an image in horizontal bands: the queries are the rows
     ``row0 .. row0 + n`` of the key image ``k``/``v``, which must hold every in-image row their
     windows reach (rows beyond ``k`` count as outside the image). Same result as those rows of
-    ``window_attention(..., border='exclude')`` on the whole image.
+    ``window_attention(..., border=border)`` on the whole image.
 
     Args:
         q (Tensor): (B, n, W, D) query embeddings.
@@ -253,6 +377,7 @@ def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row
         return_logits (bool): Also return the accumulated logits (block layout).
         image_height (int, optional): Height of the whole image; fixes the compact window size P
             (see ``WindowGeometry``). Default: Hk.
+        border (str): One of ``STREAM_BORDERS`` (``Border.streams``). Default: 'exclude'.
 
     Returns:
         Tensor | tuple[Tensor, Tensor]: out (B, n, W, C) [, logits].
@@ -264,12 +389,15 @@ def window_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row
         raise ValueError(f'query rows {row0}..{row0 + q.shape[1]} are not rows of k (height {k.shape[1]})')
     if requires_grad(q, k, v):
         raise ValueError('window_attention_rows is inference-only (autograd is recording)')
-    if check_window_args(window_size, 'exclude', normalization) is None:
+    if check_window_args(window_size, border, normalization) is None:
         raise ValueError('window_attention_rows needs a window_size >= 1')
+    if not border_rule(border).streams:
+        raise ValueError(f'window_attention_rows needs a border in {STREAM_BORDERS} (bands of rows cannot '
+                         f'see the rows a {border!r} window wraps to), got {border!r}')
     q, k, v = to_compute(q), to_compute(k), to_compute(v)
     # On the transposed band the query rows are columns: one group of block columns whose key
     # strips are the whole band, copied once (rows of blocks are then plain views).
-    geo = window_geometry(k.shape[2], image_height or k.shape[1], window_size, 'exclude')
+    geo = window_geometry(k.shape[2], image_height or k.shape[1], window_size, border)
     res = strips_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), geo, normalization, prev_logits,
                            return_logits, block_layout=True, col0=row0)
     if return_logits:

@@ -25,7 +25,7 @@ def dense_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         products run in the autocast dtype and the logits and weights are fp32, as in the kernels.
     """
     check_qkv(q, k, v)
-    window_size = check_window_args(window_size, border, normalization)
+    window_size = check_window_args(window_size, border, normalization, size=q.shape[1:3])
     q, k, v = to_compute(q), to_compute(k), to_compute(v)
     b, h, w, d = q.shape
     mask = dense_window_mask(h, w, window_size, border, q.device)

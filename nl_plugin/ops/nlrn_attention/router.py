@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from . import flex
-from .common import window_geometry
+from .common import border_rule, window_geometry
 from .state import Layout
 
 logger = logging.getLogger('nl_plugin')
@@ -168,12 +168,12 @@ def route_network(*, grad: bool, training: bool, window_size: Optional[int], bor
     Args:
         grad (bool): Autograd records the forward. training (bool): The network is in training mode.
         window_size (int | None): Window side of the non-local steps; None = global.
-        border (str): 'exclude' or 'circular' (bands need 'exclude').
+        border (str): 'exclude' or 'circular' (bands need one of ``STREAM_BORDERS``).
         height, width (int): Image size.
         device (torch.device): Device of the input.
         allow_bands (bool): False keeps every step on the whole image (``NLRN.stream_inference``).
     """
-    bands = (allow_bands and not grad and not training and window_size is not None and border == 'exclude'
+    bands = (allow_bands and not grad and not training and window_size is not None and border_rule(border).streams
              and max(height, width) >= STREAM_WINDOWS * window_size and not _flex_applies(device, 'softmax'))
     kernel = Kernel.BANDS if bands else None
     if not torch.compiler.is_compiling():
