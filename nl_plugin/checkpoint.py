@@ -36,8 +36,8 @@ def rank_and_world():
 def bare_state_dict(net):
     """CPU state dict of ``net`` without DDP's ``module.`` prefix (BasicSR's ``save_network`` layout)."""
     net = net.module if hasattr(net, 'module') else net
-    return collections.OrderedDict((k[7:] if k.startswith('module.') else k, v.detach().cpu())
-                                   for k, v in net.state_dict().items())
+    return collections.OrderedDict((k, v.detach().cpu())
+                                   for k, v in weights.strip_module_prefix(net.state_dict()).items())
 
 
 def check_finite(save_dict, path, current_iter):
@@ -114,29 +114,23 @@ def save_training_state(model, epoch, current_iter):
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_network(model, net, load_path, strict=True, param_key='params'):
-    """BasicSR's ``load_network`` for ``.pth`` (``weights_only=True``, explicitly) and ``.safetensors`` files;
-    where a resume names ``net_g_N.pth`` and only its ``.safetensors`` sibling exists, that one is read."""
+def load_network(model, net: torch.nn.Module, load_path: str, strict: bool = True,
+                 param_key: str | None = 'params') -> None:
+    """BasicSR's ``load_network`` through :func:`nl_plugin.weights.read_state_dict` (``.pth`` with
+    ``weights_only=True``, or ``.safetensors``); where a resume names ``net_g_N.pth`` and only its other
+    format exists, that one is read."""
     from basicsr.utils import get_root_logger
     logger = get_root_logger()
     net = model.get_bare_model(net)
-    stem, ext = os.path.splitext(load_path)
-    if ext != '.safetensors' and not os.path.exists(load_path) and os.path.exists(stem + '.safetensors'):
-        load_path = stem + '.safetensors'
-    try:
-        dicts, _, _ = weights.read_all(load_path)
-    except weights.WeightsError as err:
-        raise weights.WeightsError(f'path:pretrain_network_g: {err}') from None
-    if param_key is None:
-        param_key = next(iter(dicts))
-    if param_key not in dicts and 'params' in dicts:
-        logger.info(f'Loading: {param_key} does not exist, use params.')
-        param_key = 'params'
-    if param_key not in dicts:
-        raise KeyError(f'{load_path!r}: no {param_key!r} entry (has {sorted(dicts)}); set path:param_key_g')
-    logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
-    model._print_different_keys_loading(net, dicts[param_key], strict)
-    net.load_state_dict(dicts[param_key], strict=strict)
+    resume = model.opt['path'].get('resume_state')
+    where = f'path:resume_state ({resume})' if resume else 'path:pretrain_network_g'
+    load_path = weights.existing_weight_file(load_path)
+    state, used = weights.read_state_dict(load_path, param_key, where=where)
+    if param_key is not None and used != param_key:
+        logger.info(f'Loading: {param_key} does not exist, use {used}.')
+    logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{used}].')
+    model._print_different_keys_loading(net, state, strict)
+    net.load_state_dict(state, strict=strict)
 
 
 # ---------------------------------------------------------------------------------------------- resuming
@@ -156,8 +150,7 @@ def _network_files(opt, it):
         if key.startswith('network_') and key not in ignored:
             # the run may have changed path:save_format since the state was written: either format resumes
             stem = os.path.join(opt['path']['models'], f'net_{key[len("network_"):]}_{it}')
-            exts = sorted(weights.FORMATS.values(), key=lambda e: e != _weights_ext(opt))
-            files.append(next((stem + e for e in exts if os.path.isfile(stem + e)), stem + exts[0]))
+            files.append(weights.existing_weight_file(stem + _weights_ext(opt)))
     return files
 
 

@@ -133,16 +133,10 @@ def registry_get(self, name, suffix='basicsr'):
 #        ``TypeError: __init__() got an unexpected keyword argument``. Name the key and the valid ones.
 def build_network(opt):
     """``basicsr.archs.build_network`` with an error naming the offending ``network_*`` key."""
-    from copy import deepcopy
-
     from basicsr.utils import get_root_logger
-    from basicsr.utils.registry import ARCH_REGISTRY
-    opt = deepcopy(opt)
-    if 'type' not in opt:
-        raise KeyError(f'network: the option "type" is missing in {dict(opt)}')
-    arch = ARCH_REGISTRY.get(opt.pop('type'))
-    config_checks.check_kwargs(arch, opt, where=f'network {arch.__name__}')
-    net = arch(**opt)
+
+    from nl_plugin.weights import build_network as build
+    net = build(opt, where='network')
     get_root_logger().info(f'Network [{net.__class__.__name__}] is created.')
     return net
 
@@ -175,6 +169,8 @@ def validate_options(opt):
     from copy import deepcopy
 
     from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
+
+    from nl_plugin.weights import build_network
     model_cls = MODEL_REGISTRY.get(opt['model_type'])
     if hasattr(model_cls, 'validate_options'):
         model_cls.validate_options(opt)
@@ -188,14 +184,11 @@ def validate_options(opt):
             raise type(err)(f'datasets:{phase}: {err}') from err
     nets = {}
     for key in [k for k in opt if k.startswith('network_')]:
-        net_opt = deepcopy(opt[key])
-        arch = ARCH_REGISTRY.get(net_opt.pop('type', None))
-        config_checks.check_kwargs(arch, net_opt, where=f'{key} ({arch.__name__})')
         try:
-            with torch.device('meta'):
-                nets[key] = arch(**net_opt)
+            nets[key] = build_network(opt[key], where=key, device='meta')
         except (KeyError, ValueError) as err:
-            raise type(err)(f'{key}: {err}') from err
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise type(err)(msg if msg.startswith(key) else f'{key}: {msg}') from err
     out_ch = None
     if 'network_g' in opt:
         out_ch = config_checks.output_channels(opt['network_g'], ARCH_REGISTRY.get(opt['network_g'].get('type')))
