@@ -194,6 +194,11 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def _read_pth(path):
+    with open(path, 'rb') as f:
+        magic = f.read(4)
+    if magic != b'PK\x03\x04' and magic[:1] != b'\x80':   # torch.save writes a zip archive (legacy: a pickle)
+        raise WeightsError(f'{path}: cannot be read as a PyTorch weight file (neither a zip archive nor a pickle; '
+                           f'starts with {magic!r})')
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise WeightsError(f'{path}: holds a {type(obj).__name__}, not a state dict')
@@ -531,7 +536,8 @@ def _creation_budget(limit: int | None, what: str) -> Iterator[None]:
         if value is not None:
             count[0] += 1
             if count[0] > limit:
-                raise WeightsError(f'{what}: the network has far more tensors than the file; not built further')
+                raise WeightsError(f'{what}: it has more than {limit} modules, parameters and buffers, far more than '
+                                   'the file has tensors; not built further')
     handles = [nn_module.register_module_parameter_registration_hook(hook),
                nn_module.register_module_buffer_registration_hook(hook),
                nn_module.register_module_module_registration_hook(hook)]
@@ -543,7 +549,7 @@ def _creation_budget(limit: int | None, what: str) -> Iterator[None]:
 
 
 def build_network(spec: Mapping, where: str = 'network', device: str | torch.device | None = None,
-                  max_objects: int | None = None) -> torch.nn.Module:
+                  max_objects: int | None = None, budget_what: str | None = None) -> torch.nn.Module:
     """The one network builder: a registered architecture from ``{'type': NAME, **constructor kwargs}``.
 
     Args:
@@ -551,6 +557,7 @@ def build_network(spec: Mapping, where: str = 'network', device: str | torch.dev
         where (str): Option path for messages, e.g. ``'network_g'`` or a file.
         device (str | torch.device, optional): Build on this device (``'meta'``: shapes only, no memory).
         max_objects (int, optional): Stop building once this many modules, parameters and buffers exist.
+        budget_what (str, optional): Start of that error's message. Default: ``where``.
 
     Returns:
         torch.nn.Module: The network.
@@ -569,7 +576,7 @@ def build_network(spec: Mapping, where: str = 'network', device: str | torch.dev
     cls = ARCH_REGISTRY.get(opt.pop('type'))
     check_kwargs(cls, opt, where=f'{where} ({cls.__name__})')
     with torch.device(device) if device is not None else contextlib.nullcontext(), \
-            _creation_budget(max_objects, where):
+            _creation_budget(max_objects, budget_what or where):
         return cls(**opt)
 
 
@@ -591,7 +598,8 @@ def check_fits(spec: Mapping, state_dicts: Mapping[str, Mapping[str, torch.Tenso
         WeightsError: One line listing the missing, unexpected and wrongly shaped keys.
     """
     n = max(len(sd) for sd in state_dicts.values())
-    meta = _build_for(spec, path, device='meta', max_objects=8 * n + 256)
+    meta = _build_for(spec, path, device='meta', max_objects=8 * n + 256, budget_what=f'{path} does not fit '
+                      f'{describe(spec)}')
     for key, sd in state_dicts.items():
         report = mismatch_report(meta, sd)
         if report:
