@@ -27,20 +27,20 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def rank_and_world():
+def rank_and_world() -> tuple[int, int]:
     dist = _dist()
     return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def bare_state_dict(net):
+def bare_state_dict(net: torch.nn.Module) -> collections.OrderedDict:
     """CPU state dict of ``net`` without DDP's ``module.`` prefix (BasicSR's ``save_network`` layout)."""
     net = net.module if hasattr(net, 'module') else net
     return collections.OrderedDict((k, v.detach().cpu())
                                    for k, v in weights.strip_module_prefix(net.state_dict()).items())
 
 
-def check_finite(save_dict, path, current_iter):
+def check_finite(save_dict: dict, path: str, current_iter: int) -> None:
     """Raise ``FloatingPointError`` naming ``path`` and the tensors if any weight or buffer is NaN/Inf."""
     bad = [f'{group}.{name}' for group, sd in save_dict.items() for name, t in sd.items()
            if torch.is_floating_point(t) and not bool(torch.isfinite(t).all())]
@@ -54,7 +54,7 @@ def _weights_ext(opt):
     return weights.check_save_format(opt['path'].get('save_format'))
 
 
-def save_network(model, net, net_label, current_iter, param_key='params'):
+def save_network(model, net, net_label: str, current_iter: int, param_key: str | list = 'params') -> None:
     """BasicSR's ``save_network`` (rank 0 writes): atomic, refusing non-finite weights, raising on failure,
     as ``.pth`` or ``path:save_format: safetensors``, with the network's ``arch`` spec so the file alone
     rebuilds it (:mod:`nl_plugin.weights`)."""
@@ -73,7 +73,7 @@ def save_network(model, net, net_label, current_iter, param_key='params'):
                          pipeline=weights.pipeline_from_opt(model.opt), write=atomic_write_bytes)
 
 
-def rng_state():
+def rng_state() -> dict:
     """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {'torch': torch.get_rng_state(), 'random': random.getstate(),
@@ -83,7 +83,7 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(state['torch'])
     version, internal, gauss = state['random']
@@ -94,7 +94,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def save_training_state(model, epoch, current_iter):
+def run_identity(opt: dict) -> dict:
+    """What a training state records of its run, to be compared on resume: the experiment's name and the
+    spec of every network (``network_*``: ``type`` and constructor arguments)."""
+    nets = {k: weights.arch_from_opt(v) for k, v in sorted(opt.items())
+            if k.startswith('network_') and isinstance(v, dict) and 'type' in v}
+    return {'experiment': opt.get('name'), 'networks': nets}
+
+
+def save_training_state(model, epoch: int, current_iter: int) -> None:
     """BasicSR's ``save_training_state`` plus every process's RNG states, written atomically by rank 0.
 
     Called on every process (``model.save`` is): the RNG states are gathered before rank 0 writes.
@@ -109,7 +117,7 @@ def save_training_state(model, epoch, current_iter):
     if rank != 0:
         return
     state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in model.optimizers],
-             'schedulers': [s.state_dict() for s in model.schedulers], 'rng': rngs}
+             'schedulers': [s.state_dict() for s in model.schedulers], 'rng': rngs, **run_identity(model.opt)}
     atomic_torch_save(state, os.path.join(model.opt['path']['training_states'], f'{current_iter}.state'))
 
 
@@ -134,13 +142,48 @@ def load_network(model, net: torch.nn.Module, load_path: str, strict: bool = Tru
 
 
 # ---------------------------------------------------------------------------------------------- resuming
-def load_state(path, device):
+def load_state(path: str, device: torch.device | str) -> dict:
     """Read a training state (``weights_only``; the schedulers' ``Counter`` allowed) and check its layout."""
     with torch.serialization.safe_globals([collections.Counter]):
         state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or not {'iter', 'epoch', 'optimizers', 'schedulers'} <= set(state):
         raise ValueError('not a BasicSR training state (keys iter, epoch, optimizers, schedulers expected)')
     return state
+
+
+def check_resume_state(state: dict, opt: dict, path: str, report=print) -> None:
+    """Refuse a training state of another experiment, or of another network, in one line naming both.
+
+    States without the record (plain BasicSR, or written before it existed) resume with a warning through
+    ``report``. Then every network file of the state's iteration must exist (named as the resume's).
+
+    Raises:
+        ValueError: Another experiment or network.
+        FileNotFoundError: A network file of that iteration is missing.
+    """
+    where = f'path:resume_state: {path!r}'
+    mine = run_identity(opt)
+    if 'experiment' not in state and 'networks' not in state:
+        report(f'resume: {path!r} records no experiment name or network spec (written by plain BasicSR or an '
+               'older nl_plugin); it is not checked against this run')
+    elif state.get('experiment') != mine['experiment']:
+        theirs = ', '.join(weights.describe(v) for v in (state.get('networks') or {}).values())
+        raise ValueError(f'{where} is a state of experiment {state.get("experiment")!r} ({theirs}), this run is '
+                         f'{mine["experiment"]!r}; resume only a run\'s own states (to start from another run\'s '
+                         'weights, use path:pretrain_network_g)')
+    else:
+        theirs = state.get('networks') or {}
+        for key in sorted(set(theirs) | set(mine['networks'])):
+            if theirs.get(key) != mine['networks'].get(key):
+                was = weights.describe(theirs[key]) if key in theirs else 'none'
+                now = weights.describe(mine['networks'][key]) if key in mine['networks'] else 'none'
+                raise ValueError(f'{where} was written for {key}: {was}, this run has {key}: {now}; to change the '
+                                 'network, start a new experiment from its weights with path:pretrain_network_g')
+    it = int(state['iter'])
+    for f in _network_files(opt, it):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f'{where} is iteration {it}, but the network saved with it, {f!r}, does not '
+                                    'exist')
 
 
 def _network_files(opt, it):
@@ -195,7 +238,7 @@ def _choose_state(opt, device, report):
     return None
 
 
-def find_resume_state(opt, device, report=print):
+def find_resume_state(opt: dict, device: torch.device | str, report=print) -> tuple[str | None, dict | None]:
     """``--auto_resume``: the newest complete training state in ``path.training_states`` (or None).
 
     Torn or unreadable states (and states whose network files are missing or unreadable) are reported
@@ -212,7 +255,7 @@ def find_resume_state(opt, device, report=print):
     return path, load_state(path, device)
 
 
-def remember_resume(state, report):
+def remember_resume(state: dict, report) -> None:
     """Keep what the data loader must apply when the resumed training starts (see ResumableSampler)."""
     rank, world = rank_and_world()
     rngs = state.get('rng')
@@ -252,7 +295,7 @@ class ResumableSampler(EnlargedSampler):
         return iter(indices[skip:])
 
 
-def apply_pending_resume(train_loader, sampler, logger):
+def apply_pending_resume(train_loader, sampler, logger) -> None:
     """Point the sampler of a resumed run at the first batch it has not trained on yet."""
     if not PENDING or not isinstance(sampler, ResumableSampler):
         return

@@ -102,6 +102,7 @@ def load_resume_state(opt):
                              'use --auto_resume to fall back to the newest readable one') from None
     else:
         return None
+    checkpoint.check_resume_state(state, opt, state_path, report=_report)
     check_resume(opt, state['iter'])
     checkpoint.remember_resume(state, _report)
     return state

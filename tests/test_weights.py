@@ -150,10 +150,12 @@ def _train_opt(root):
     }
 
 
-def test_training_checkpoints_rebuild_without_arch(tmp_path):
-    """safetensors + EMA from ``basicsr train``, resumed from them, then .pth; both rebuild from the file alone."""
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    """A real ``basicsr train`` run of 2 iterations saving safetensors + EMA: (root, option file, env)."""
     pytest.importorskip('safetensors')
     import cv2
+    tmp_path = tmp_path_factory.mktemp('tiny_run')
     rng = np.random.default_rng(0)
     os.makedirs(tmp_path / 'train')
     for i in range(3):
@@ -164,6 +166,12 @@ def test_training_checkpoints_rebuild_without_arch(tmp_path):
     r = subprocess.run([basicsr_cmd(), 'train', '-opt', str(opt)], cwd=tmp_path, capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return tmp_path, opt, env
+
+
+def test_training_checkpoints_rebuild_without_arch(tiny_run):
+    """safetensors + EMA from ``basicsr train``, resumed from them, then .pth; both rebuild from the file alone."""
+    tmp_path, opt, env = tiny_run
     models = tmp_path / 'experiments' / 'tiny' / 'models'
     assert sorted(os.listdir(models)) == ['net_g_2.safetensors', 'net_g_latest.safetensors']
     dicts, arch, pipeline = weights.read_all(models / 'net_g_2.safetensors')
@@ -177,6 +185,41 @@ def test_training_checkpoints_rebuild_without_arch(tmp_path):
     assert 'net_g_2.safetensors, with param key: [params_ema]' in log and 'Resuming training from epoch' in log
     net, spec, w = weights.load_network(models / 'net_g_latest.pth')
     assert spec == arch and w.param_key == 'params_ema' and type(net).__name__ == 'DnCNN'
+
+
+def test_resume_from_another_experiment_or_network_is_refused(tiny_run):
+    """A training state records its experiment and network: resuming it in another run is one line naming both."""
+    tmp_path, opt, env = tiny_run
+    state = tmp_path / 'experiments' / 'tiny' / 'training_states' / '2.state'
+    assert torch.load(state, weights_only=False)['experiment'] == 'tiny'
+    runs = {'other': ['--force_yml', 'name=other', f'path:resume_state={state}'],
+            'wider': ['--auto_resume', '--force_yml', 'network_g:num_feat=8', 'train:total_iter=4']}
+    for name, extra in runs.items():
+        r = subprocess.run([basicsr_cmd(), 'train', '-opt', str(opt), *extra], cwd=tmp_path, capture_output=True,
+                           text=True, env=env, timeout=300)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and 'path:resume_state: ' in last, r.stderr[-3000:]
+        if name == 'other':
+            assert f"{str(state)!r} is a state of experiment 'tiny' (DnCNN(depth=3, num_feat=4)), this run is " \
+                   "'other'" in last
+        else:
+            assert 'was written for network_g: DnCNN(depth=3, num_feat=4), this run has network_g: ' \
+                   'DnCNN(depth=3, num_feat=8)' in last
+    assert not (tmp_path / 'experiments' / 'other').exists()
+
+
+def test_old_states_resume_with_a_warning_and_a_missing_network_names_the_resume(tmp_path):
+    from nl_plugin import checkpoint
+    opt = {'name': 'run', 'network_g': {'type': 'DnCNN', 'num_feat': 4},
+           'path': {'models': str(tmp_path), 'training_states': str(tmp_path)}}
+    said = []
+    with pytest.raises(FileNotFoundError, match=r"path:resume_state: 'x/7.state' is iteration 7, but the network "
+                                                r"saved with it, '.*net_g_7.pth', does not exist"):
+        checkpoint.check_resume_state({'iter': 7}, opt, 'x/7.state', report=said.append)
+    assert said == ["resume: 'x/7.state' records no experiment name or network spec (written by plain BasicSR or an "
+                    'older nl_plugin); it is not checked against this run']
+    weights.save_weights(build({'type': 'DnCNN', 'num_feat': 4}).state_dict(), str(tmp_path / 'net_g_7.safetensors'))
+    checkpoint.check_resume_state({'iter': 7, **checkpoint.run_identity(opt)}, opt, 'x/7.state')
 
 
 def test_unknown_save_format_is_refused_naming_the_key():
