@@ -87,6 +87,9 @@ def arch_from_opt(net_opt: Mapping) -> dict:
     spec = _plain(dict(net_opt))
     if 'type' not in spec:
         raise KeyError(f'network options lack "type": {spec}')
+    if spec['type'] == 'NonLocalInjection':   # the file holds the trained base: the start point is not part of it
+        spec.pop('base_pretrained', None)
+        spec.pop('base_param_key', None)
     return spec
 
 
@@ -395,7 +398,9 @@ def _check_value(key: str, value: object, default: object, where: str) -> None:
         raise WeightsError(f'{where}: {key}={value!r} {why}; {_HINT}')
 
     if _PATH_NAME.search(key) and value is not None:
-        refuse('names a path, URL or file, which a weight file may not give')
+        hint = ' (the file holds the trained base: add --arch-opt base_pretrained=null)' \
+            if key == 'base_pretrained' else ''
+        refuse(f'names a path, URL or file, which a weight file may not give{hint}')
     if isinstance(value, bool):
         if default is not inspect.Parameter.empty and default is not None and not isinstance(default, bool):
             refuse(f'is a bool but the constructor expects {type(default).__name__}')

@@ -74,7 +74,7 @@ def test_a_path_in_the_arch_entry_is_never_loaded(tmp_path):
     ({'type': 'NonLocalInjection', 'base': {'type': 'SpyNet'}}, "base: type 'SpyNet' may not be named"),
     ({'type': 'NonLocalInjection', 'base': {'type': 'BasicVSR', 'spynet_path': None}}, "type 'BasicVSR' may not"),
     ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1},
-      'base_pretrained': '/etc/passwd'}, 'base_pretrained=.* names a path, URL or file'),
+      'base_pretrained': '/etc/passwd'}, r'base_pretrained=.* names a path, URL or file.*base_pretrained=null'),
     ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1},
       'blocks': [{'after': 'body.0', 'type': 'DFDNet', 'dict_path': 'x'}]}, r"blocks\[0\]: type 'DFDNet' may not"),
     ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1, 'num_block': 99999}},
@@ -101,6 +101,29 @@ def test_the_user_names_anything_else_with_arch(tmp_path):
     spy = small_file(tmp_path / 'spy.pth', {'type': 'SpyNet', 'load_path': '/etc/passwd'})
     with pytest.raises(weights.WeightsError, match='load_path=.* names a path'):
         weights.load_network(spy, arch_type='SpyNet')
+
+
+def test_an_injection_network_trained_from_a_base_file_rebuilds_without_it(tmp_path):
+    """base_pretrained is where training started, not part of the network: not stored, so the file loads."""
+    base = {'type': 'DnCNN', 'num_feat': 4, 'depth': 3}
+    weights.save_weights(ARCH_REGISTRY.get('DnCNN')(num_feat=4, depth=3).state_dict(), str(tmp_path / 'base.pth'))
+    opt = {'type': 'NonLocalInjection', 'base': base, 'base_pretrained': str(tmp_path / 'base.pth'),
+           'blocks': [{'after': 'conv_first', 'type': 'WindowedNonLocalBlock', 'window_size': 5, 'num_embed': 2}]}
+    net = ARCH_REGISTRY.get('NonLocalInjection')(**{k: v for k, v in opt.items() if k != 'type'})
+    arch = weights.arch_from_opt(opt)
+    assert 'base_pretrained' not in arch
+    path = small_file(tmp_path / 'injected.safetensors' if _has_safetensors() else tmp_path / 'injected.pth', arch,
+                      net.state_dict())
+    loaded, spec, _ = weights.load_network(path)
+    assert spec == arch and all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def _has_safetensors():
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_allow_lists_hold_this_projects_archs_and_no_path_taking_base():
