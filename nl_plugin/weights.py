@@ -553,6 +553,20 @@ def _creation_budget(limit: int | None, what: str) -> Iterator[None]:
             h.remove()
 
 
+class _SkipMetaInit(torch.overrides.TorchFunctionMode):
+    """Skip the in-place initialisations of ``meta`` tensors (they keep no values, and torch decomposes them
+    op by op there, many times slower than the real ones): a ``meta`` build then costs what its modules cost."""
+
+    _INIT = frozenset(('normal_', 'uniform_', 'fill_', 'zero_', 'copy_', 'trunc_normal_', 'bernoulli_',
+                       'exponential_', 'mul_', 'add_', 'clamp_', 'sub_', 'div_', 'erfinv_'))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, '__name__', '') in self._INIT and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def build_network(spec: Mapping, where: str = 'network', device: str | torch.device | None = None,
                   max_objects: int | None = None, budget_what: str | None = None) -> torch.nn.Module:
     """The one network builder: a registered architecture from ``{'type': NAME, **constructor kwargs}``.
@@ -580,8 +594,9 @@ def build_network(spec: Mapping, where: str = 'network', device: str | torch.dev
         raise KeyError(f'{where}: the option "type" is missing in {opt}')
     cls = ARCH_REGISTRY.get(opt.pop('type'))
     check_kwargs(cls, opt, where=f'{where} ({cls.__name__})')
+    meta = device is not None and torch.device(device).type == 'meta'
     with torch.device(device) if device is not None else contextlib.nullcontext(), \
-            _creation_budget(max_objects, budget_what or where):
+            _SkipMetaInit() if meta else contextlib.nullcontext(), _creation_budget(max_objects, budget_what or where):
         return cls(**opt)
 
 
