@@ -417,7 +417,9 @@ def _check_value(key: str, value: object, default: object, where: str) -> None:
     if isinstance(value, float):
         if not math.isfinite(value) or abs(value) > 1e6:
             refuse('is not a finite number of sane size')
-        if isinstance(default, (bool, int, str, list, tuple)) and not isinstance(default, float):
+        if key in ARG_LIMITS:
+            refuse('is a float but must be an integer')
+        if isinstance(default, (bool, str, list, tuple)):   # an int default also takes floats (EDSR's res_scale)
             refuse(f'is a float but the constructor expects {type(default).__name__}')
         return
     if isinstance(value, str):

@@ -127,6 +127,13 @@ def _has_safetensors():
 
 
 def test_allow_lists_hold_this_projects_archs_and_no_path_taking_base():
+    for base in ({'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1, 'res_scale': 0.1, 'rgb_mean': [0.5]},
+                 {'type': 'RRDBNet', 'num_in_ch': 3, 'num_out_ch': 3, 'scale': 2, 'num_feat': 64, 'num_block': 23},
+                 {'type': 'NLRN', 'num_feat': 64, 'nl_scope': 'window', 'window_size': 15, 'img_range': 1.0}):
+        weights.check_file_arch({'type': 'NonLocalInjection', 'base': base, 'blocks': [
+            {'after': 'conv_first', 'type': 'N3Block', 'k': 7, 'temp_offset': -2.5}]}, 'f.pth')   # allowed
+    with pytest.raises(weights.WeightsError, match='depth=3.5 is a float but must be an integer'):
+        weights.check_file_arch({'type': 'DnCNN', 'depth': 3.5}, 'f.pth')
     own = sorted(n for n, c in ARCH_REGISTRY._obj_map.items() if c.__module__.startswith('nl_plugin.'))
     assert own == sorted(weights.FILE_ARCHS)
     for name in weights.INJECTION_BASES + weights.INJECTION_BLOCKS:
@@ -204,3 +211,20 @@ def test_convert_to_safetensors_without_the_package_names_the_extra(tmp_path, mo
 def test_rss_helper_sees_the_child():
     kb, rc, _ = _peak_rss_kb([sys.executable, '-c', 'b = bytearray(300 * 2**20); b[::4096] = b"x" * len(b[::4096])'])
     assert rc == 0 and kb > 300 * 1024 and resource.getpagesize() > 0
+
+
+def test_every_shipped_option_file_writes_weights_that_load_by_their_arch_entry():
+    """The allow-list and ranges are not tighter than the project's own networks (options/*.yml)."""
+    import glob
+
+    import yaml
+
+    from conftest import ROOT
+    files = sorted(glob.glob(os.path.join(ROOT, 'options', '*.yml')))
+    assert files
+    for path in files:
+        with open(path) as f:
+            opt = yaml.safe_load(f)
+        for key, net_opt in opt.items():
+            if key.startswith('network_'):
+                weights.check_file_arch(weights.arch_from_opt(net_opt), f'{path}:{key}')
