@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from nl_plugin import weights
+from nl_plugin.fileio import WriteError, atomic_write_bytes
 from nl_plugin.utils import key_value_arg
 
 
@@ -34,6 +35,7 @@ def convert(src: str, dst: str, arch_type: str | None = None, arch_opt: Mapping 
 
     Raises:
         WeightsError: One line naming the file (also for a ``.safetensors`` output without the package).
+        WriteError: The output cannot be written (it is written to a temporary file and renamed into place).
     """
     if os.path.exists(dst) and not overwrite:
         raise weights.WeightsError(f'{dst} exists; use --overwrite to replace it')
@@ -47,7 +49,7 @@ def convert(src: str, dst: str, arch_type: str | None = None, arch_opt: Mapping 
     weights.check_fits(spec, dicts, src)
     if source == 'detected':
         print(f'{src} carries no architecture; stored the one its tensors fit: {weights.describe(spec)}')
-    weights.save_weights(dicts, dst, arch=spec, pipeline=pipeline, write=write)
+    weights.save_weights(dicts, dst, arch=spec, pipeline=pipeline, write=write or atomic_write_bytes)
     return spec, list(dicts)
 
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         spec, keys = convert(args.input, args.output, args.arch, args.arch_opt, args.param_key, args.overwrite)
-    except weights.WeightsError as err:
+    except (weights.WeightsError, WriteError) as err:
         print(f'convert_weights: error: {err}', file=sys.stderr)
         return 2
     print(f'wrote {args.output}: {weights.describe(spec)}, {", ".join(keys)}')
