@@ -11,8 +11,6 @@ about which tensors exist.
 """
 import re
 
-import torch
-
 from nl_plugin.archs.nlrn_layout import MARKER
 
 _INT = re.compile(r'(\d+)')
@@ -107,11 +105,9 @@ def _candidates(sd):
 
 def fits(spec, sd):
     """Whether the network of ``spec`` has exactly the keys and shapes of ``sd`` (built on the meta device)."""
-    from basicsr.utils.registry import ARCH_REGISTRY
-    kwargs = {k: v for k, v in spec.items() if k != 'type'}
+    from nl_plugin.weights import build_network
     try:
-        with torch.device('meta'):
-            own = ARCH_REGISTRY.get(spec['type'])(**kwargs).state_dict()
+        own = build_network(spec, where='detected', device='meta', max_objects=8 * len(sd) + 256).state_dict()
     except (KeyError, TypeError, ValueError):
         return False
     if spec['type'] == 'NLRN' and MARKER not in sd:   # older NLRN files: the load hook converts them

@@ -27,20 +27,20 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def rank_and_world():
+def rank_and_world() -> tuple[int, int]:
     dist = _dist()
     return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def bare_state_dict(net):
+def bare_state_dict(net: torch.nn.Module) -> collections.OrderedDict:
     """CPU state dict of ``net`` without DDP's ``module.`` prefix (BasicSR's ``save_network`` layout)."""
     net = net.module if hasattr(net, 'module') else net
-    return collections.OrderedDict((k[7:] if k.startswith('module.') else k, v.detach().cpu())
-                                   for k, v in net.state_dict().items())
+    return collections.OrderedDict((k, v.detach().cpu())
+                                   for k, v in weights.strip_module_prefix(net.state_dict()).items())
 
 
-def check_finite(save_dict, path, current_iter):
+def check_finite(save_dict: dict, path: str, current_iter: int) -> None:
     """Raise ``FloatingPointError`` naming ``path`` and the tensors if any weight or buffer is NaN/Inf."""
     bad = [f'{group}.{name}' for group, sd in save_dict.items() for name, t in sd.items()
            if torch.is_floating_point(t) and not bool(torch.isfinite(t).all())]
@@ -54,7 +54,7 @@ def _weights_ext(opt):
     return weights.check_save_format(opt['path'].get('save_format'))
 
 
-def save_network(model, net, net_label, current_iter, param_key='params'):
+def save_network(model, net, net_label: str, current_iter: int, param_key: str | list = 'params') -> None:
     """BasicSR's ``save_network`` (rank 0 writes): atomic, refusing non-finite weights, raising on failure,
     as ``.pth`` or ``path:save_format: safetensors``, with the network's ``arch`` spec so the file alone
     rebuilds it (:mod:`nl_plugin.weights`)."""
@@ -73,7 +73,7 @@ def save_network(model, net, net_label, current_iter, param_key='params'):
                          pipeline=weights.pipeline_from_opt(model.opt), write=atomic_write_bytes)
 
 
-def rng_state():
+def rng_state() -> dict:
     """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {'torch': torch.get_rng_state(), 'random': random.getstate(),
@@ -83,7 +83,7 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(state['torch'])
     version, internal, gauss = state['random']
@@ -94,7 +94,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def save_training_state(model, epoch, current_iter):
+def run_identity(opt: dict) -> dict:
+    """What a training state records of its run, to be compared on resume: the experiment's name and the
+    spec of every network (``network_*``: ``type`` and constructor arguments)."""
+    nets = {k: weights.arch_from_opt(v) for k, v in sorted(opt.items())
+            if k.startswith('network_') and isinstance(v, dict) and 'type' in v}
+    return {'experiment': opt.get('name'), 'networks': nets}
+
+
+def save_training_state(model, epoch: int, current_iter: int) -> None:
     """BasicSR's ``save_training_state`` plus every process's RNG states, written atomically by rank 0.
 
     Called on every process (``model.save`` is): the RNG states are gathered before rank 0 writes.
@@ -109,44 +117,73 @@ def save_training_state(model, epoch, current_iter):
     if rank != 0:
         return
     state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in model.optimizers],
-             'schedulers': [s.state_dict() for s in model.schedulers], 'rng': rngs}
+             'schedulers': [s.state_dict() for s in model.schedulers], 'rng': rngs, **run_identity(model.opt)}
     atomic_torch_save(state, os.path.join(model.opt['path']['training_states'], f'{current_iter}.state'))
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_network(model, net, load_path, strict=True, param_key='params'):
-    """BasicSR's ``load_network`` for ``.pth`` (``weights_only=True``, explicitly) and ``.safetensors`` files;
-    where a resume names ``net_g_N.pth`` and only its ``.safetensors`` sibling exists, that one is read."""
+def load_network(model, net: torch.nn.Module, load_path: str, strict: bool = True,
+                 param_key: str | None = 'params') -> None:
+    """BasicSR's ``load_network`` through :func:`nl_plugin.weights.read_state_dict` (``.pth`` with
+    ``weights_only=True``, or ``.safetensors``); where a resume names ``net_g_N.pth`` and only its other
+    format exists, that one is read."""
     from basicsr.utils import get_root_logger
     logger = get_root_logger()
     net = model.get_bare_model(net)
-    stem, ext = os.path.splitext(load_path)
-    if ext != '.safetensors' and not os.path.exists(load_path) and os.path.exists(stem + '.safetensors'):
-        load_path = stem + '.safetensors'
-    try:
-        dicts, _, _ = weights.read_all(load_path)
-    except weights.WeightsError as err:
-        raise weights.WeightsError(f'path:pretrain_network_g: {err}') from None
-    if param_key is None:
-        param_key = next(iter(dicts))
-    if param_key not in dicts and 'params' in dicts:
-        logger.info(f'Loading: {param_key} does not exist, use params.')
-        param_key = 'params'
-    if param_key not in dicts:
-        raise KeyError(f'{load_path!r}: no {param_key!r} entry (has {sorted(dicts)}); set path:param_key_g')
-    logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
-    model._print_different_keys_loading(net, dicts[param_key], strict)
-    net.load_state_dict(dicts[param_key], strict=strict)
+    resume = model.opt['path'].get('resume_state')
+    where = f'path:resume_state ({resume})' if resume else 'path:pretrain_network_g'
+    load_path = weights.existing_weight_file(load_path)
+    state, used = weights.read_state_dict(load_path, param_key, where=where)
+    if param_key is not None and used != param_key:
+        logger.info(f'Loading: {param_key} does not exist, use {used}.')
+    logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{used}].')
+    model._print_different_keys_loading(net, state, strict)
+    net.load_state_dict(state, strict=strict)
 
 
 # ---------------------------------------------------------------------------------------------- resuming
-def load_state(path, device):
+def load_state(path: str, device: torch.device | str) -> dict:
     """Read a training state (``weights_only``; the schedulers' ``Counter`` allowed) and check its layout."""
     with torch.serialization.safe_globals([collections.Counter]):
         state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or not {'iter', 'epoch', 'optimizers', 'schedulers'} <= set(state):
         raise ValueError('not a BasicSR training state (keys iter, epoch, optimizers, schedulers expected)')
     return state
+
+
+def check_resume_state(state: dict, opt: dict, path: str, report=print) -> None:
+    """Refuse a training state of another experiment, or of another network, in one line naming both.
+
+    States without the record (plain BasicSR, or written before it existed) resume with a warning through
+    ``report``. Then every network file of the state's iteration must exist (named as the resume's).
+
+    Raises:
+        ValueError: Another experiment or network.
+        FileNotFoundError: A network file of that iteration is missing.
+    """
+    where = f'path:resume_state: {path!r}'
+    mine = run_identity(opt)
+    if 'experiment' not in state and 'networks' not in state:
+        report(f'resume: {path!r} records no experiment name or network spec (written by plain BasicSR or an '
+               'older nl_plugin); it is not checked against this run')
+    elif state.get('experiment') != mine['experiment']:
+        theirs = ', '.join(weights.describe(v) for v in (state.get('networks') or {}).values())
+        raise ValueError(f'{where} is a state of experiment {state.get("experiment")!r} ({theirs}), this run is '
+                         f'{mine["experiment"]!r}; resume only a run\'s own states (to start from another run\'s '
+                         'weights, use path:pretrain_network_g)')
+    else:
+        theirs = state.get('networks') or {}
+        for key in sorted(set(theirs) | set(mine['networks'])):
+            if theirs.get(key) != mine['networks'].get(key):
+                was = weights.describe(theirs[key]) if key in theirs else 'none'
+                now = weights.describe(mine['networks'][key]) if key in mine['networks'] else 'none'
+                raise ValueError(f'{where} was written for {key}: {was}, this run has {key}: {now}; to change the '
+                                 'network, start a new experiment from its weights with path:pretrain_network_g')
+    it = int(state['iter'])
+    for f in _network_files(opt, it):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f'{where} is iteration {it}, but the network saved with it, {f!r}, does not '
+                                    'exist')
 
 
 def _network_files(opt, it):
@@ -156,8 +193,7 @@ def _network_files(opt, it):
         if key.startswith('network_') and key not in ignored:
             # the run may have changed path:save_format since the state was written: either format resumes
             stem = os.path.join(opt['path']['models'], f'net_{key[len("network_"):]}_{it}')
-            exts = sorted(weights.FORMATS.values(), key=lambda e: e != _weights_ext(opt))
-            files.append(next((stem + e for e in exts if os.path.isfile(stem + e)), stem + exts[0]))
+            files.append(weights.existing_weight_file(stem + _weights_ext(opt)))
     return files
 
 
@@ -202,7 +238,7 @@ def _choose_state(opt, device, report):
     return None
 
 
-def find_resume_state(opt, device, report=print):
+def find_resume_state(opt: dict, device: torch.device | str, report=print) -> tuple[str | None, dict | None]:
     """``--auto_resume``: the newest complete training state in ``path.training_states`` (or None).
 
     Torn or unreadable states (and states whose network files are missing or unreadable) are reported
@@ -219,7 +255,7 @@ def find_resume_state(opt, device, report=print):
     return path, load_state(path, device)
 
 
-def remember_resume(state, report):
+def remember_resume(state: dict, report) -> None:
     """Keep what the data loader must apply when the resumed training starts (see ResumableSampler)."""
     rank, world = rank_and_world()
     rngs = state.get('rng')
@@ -259,7 +295,7 @@ class ResumableSampler(EnlargedSampler):
         return iter(indices[skip:])
 
 
-def apply_pending_resume(train_loader, sampler, logger):
+def apply_pending_resume(train_loader, sampler, logger) -> None:
     """Point the sampler of a resumed run at the first batch it has not trained on yet."""
     if not PENDING or not isinstance(sampler, ResumableSampler):
         return

@@ -31,7 +31,7 @@ def _alias_functional_tensor():
 # --- 2. ``init_dist('pytorch')`` always uses NCCL and calls ``torch.cuda.set_device(rank % device_count)``,
 #        which divides by zero on a CPU machine; it also uses the global RANK rather than LOCAL_RANK
 #        to pick the GPU, which is wrong on more than one node.
-def init_dist(launcher, backend=None, **kwargs):
+def init_dist(launcher: str, backend: str | None = None, **kwargs) -> None:
     """BasicSR's ``init_dist`` that also works on CPU (gloo) and picks the GPU by LOCAL_RANK."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
@@ -53,7 +53,7 @@ def init_dist(launcher, backend=None, **kwargs):
 
 # --- 3. ``BaseModel.model_to_device`` wraps DDP with ``device_ids=[torch.cuda.current_device()]``,
 #        which fails without a GPU; DDP on CPU must be built without device ids.
-def model_to_device(self, net):
+def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
     """BasicSR's ``model_to_device`` that also wraps CPU (gloo) models in DDP."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
     net = net.to(self.device)
@@ -74,7 +74,7 @@ def model_to_device(self, net):
 #        ``torch.cuda.current_device()``, which fails on a CPU machine; (c) unpickles the scheduler's
 #        ``collections.Counter`` which ``torch.load(weights_only=True)`` (the default) refuses; (d) takes the
 #        newest ``.state`` even when it is torn, and crashes with EOFError (see fix 10).
-def load_resume_state(opt):
+def load_resume_state(opt: dict) -> dict | None:
     """Find (``--auto_resume``) or read (``path.resume_state``) a training state on any device."""
     from basicsr.utils import check_resume
 
@@ -102,6 +102,7 @@ def load_resume_state(opt):
                              'use --auto_resume to fall back to the newest readable one') from None
     else:
         return None
+    checkpoint.check_resume_state(state, opt, state_path, report=_report)
     check_resume(opt, state['iter'])
     checkpoint.remember_resume(state, _report)
     return state
@@ -118,7 +119,7 @@ def _report(message):
 
 # --- 5. ``Registry.get`` prints a misleading "use name: X_basicsr!" line on every miss and its error
 #        lists no alternatives; a typo in ``type:`` should say what exists.
-def registry_get(self, name, suffix='basicsr'):
+def registry_get(self, name: str, suffix: str = 'basicsr') -> object:
     obj = self._obj_map.get(name)
     if obj is None:
         obj = self._obj_map.get(f'{name}_{suffix}')
@@ -131,25 +132,19 @@ def registry_get(self, name, suffix='basicsr'):
 
 # --- 6. ``build_network`` passes YAML keys straight to the constructor: a misspelt key ends in a bare
 #        ``TypeError: __init__() got an unexpected keyword argument``. Name the key and the valid ones.
-def build_network(opt):
+def build_network(opt: dict) -> torch.nn.Module:
     """``basicsr.archs.build_network`` with an error naming the offending ``network_*`` key."""
-    from copy import deepcopy
-
     from basicsr.utils import get_root_logger
-    from basicsr.utils.registry import ARCH_REGISTRY
-    opt = deepcopy(opt)
-    if 'type' not in opt:
-        raise KeyError(f'network: the option "type" is missing in {dict(opt)}')
-    arch = ARCH_REGISTRY.get(opt.pop('type'))
-    config_checks.check_kwargs(arch, opt, where=f'network {arch.__name__}')
-    net = arch(**opt)
+
+    from nl_plugin.weights import build_network as build
+    net = build(opt, where='network')
     get_root_logger().info(f'Network [{net.__class__.__name__}] is created.')
     return net
 
 
 # --- 7. ``parse_options`` keeps ``num_gpu: 1`` (common in BasicSR option files) on a machine without a GPU,
 #        and the model then fails deep inside ``.to('cuda')``. Fall back to the CPU with a clear warning.
-def parse_options(root_path, is_train=True):
+def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, object]:
     opt, args = _ORIGINAL['parse_options'](root_path, is_train=is_train)
     if opt.get('deterministic'):  # fix 13: cuBLAS reads this when it starts, before any CUDA work
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
@@ -170,11 +165,13 @@ CHECK_DATA = {'enabled': False}
 _VALIDATED = set()
 
 
-def validate_options(opt):
+def validate_options(opt: dict) -> None:
     """Check the options, build every dataset and the network once: bad keys/values fail before any folder."""
     from copy import deepcopy
 
     from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
+
+    from nl_plugin.weights import build_network
     model_cls = MODEL_REGISTRY.get(opt['model_type'])
     if hasattr(model_cls, 'validate_options'):
         model_cls.validate_options(opt)
@@ -188,14 +185,11 @@ def validate_options(opt):
             raise type(err)(f'datasets:{phase}: {err}') from err
     nets = {}
     for key in [k for k in opt if k.startswith('network_')]:
-        net_opt = deepcopy(opt[key])
-        arch = ARCH_REGISTRY.get(net_opt.pop('type', None))
-        config_checks.check_kwargs(arch, net_opt, where=f'{key} ({arch.__name__})')
         try:
-            with torch.device('meta'):
-                nets[key] = arch(**net_opt)
+            nets[key] = build_network(opt[key], where=key, device='meta')
         except (KeyError, ValueError) as err:
-            raise type(err)(f'{key}: {err}') from err
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise type(err)(msg if msg.startswith(key) else f'{key}: {msg}') from err
     out_ch = None
     if 'network_g' in opt:
         out_ch = config_checks.output_channels(opt['network_g'], ARCH_REGISTRY.get(opt['network_g'].get('type')))
@@ -210,7 +204,7 @@ def _validate_once(opt):
         _VALIDATED.add(id(opt))
 
 
-def make_exp_dirs(opt):
+def make_exp_dirs(opt: dict) -> None:
     _validate_once(opt)
     _apply_determinism(opt)
     _ORIGINAL['make_exp_dirs'](opt)
@@ -220,12 +214,12 @@ def make_exp_dirs(opt):
 #        leaves a torn file that blocks --auto_resume), retry three times and then log "Just ignore it."
 #        and go on (a full disk ends in exit 0 with empty checkpoints), and write NaN weights as readily as
 #        any. Write atomically, refuse non-finite weights, raise naming the file; keep every process's RNG.
-def save_network(self, net, net_label, current_iter, param_key='params'):
+def save_network(self, net: torch.nn.Module, net_label: str, current_iter: int, param_key: str = 'params') -> None:
     from nl_plugin import checkpoint
     checkpoint.save_network(self, net, net_label, current_iter, param_key)
 
 
-def save_training_state(self, epoch, current_iter):
+def save_training_state(self, epoch: int, current_iter: int) -> None:
     from nl_plugin import checkpoint
     checkpoint.save_training_state(self, epoch, current_iter)
 
@@ -233,7 +227,7 @@ def save_training_state(self, epoch, current_iter):
 # --- 10. A resumed run restarts its epoch from the first batch (samples trained on twice) with fresh RNG
 #         streams. Start after the batches already done and restore the saved RNG states (see
 #         ``nl_plugin.checkpoint``), and log what --auto_resume skipped.
-def create_train_val_dataloader(opt, logger):
+def create_train_val_dataloader(opt: dict, logger) -> tuple:
     from nl_plugin import checkpoint
     result = _ORIGINAL['create_train_val_dataloader'](opt, logger)
     for message in _REPORTS:
@@ -247,7 +241,7 @@ def create_train_val_dataloader(opt, logger):
 #         of 0 and 1 and validates / is saved with untrained statistics. Average floating-point buffers with
 #         the same decay (integer ones, e.g. ``num_batches_tracked``, are copied), and under several
 #         processes take rank 0's buffers (DDP broadcasts rank 0's, and rank 0 saves the EMA).
-def model_ema(self, decay=0.999):
+def model_ema(self, decay: float = 0.999) -> None:
     net_g = self.get_bare_model(self.net_g)
     ema_params = dict(self.net_g_ema.named_parameters())
     with torch.no_grad():
@@ -262,7 +256,7 @@ def model_ema(self, decay=0.999):
     broadcast_buffers(self.net_g_ema)
 
 
-def broadcast_buffers(net):
+def broadcast_buffers(net: torch.nn.Module) -> None:
     """Give every process rank 0's buffers (no-op in a single process)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -273,7 +267,8 @@ def broadcast_buffers(net):
 # --- 12. ``load_network`` reads ``pretrain_network_g`` with ``torch.load`` without ``weights_only``, which
 #         ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into a full unpickler (a crafted file runs code).
 #         Always ``weights_only=True``, with a one-line error naming the file.
-def load_network(self, net, load_path, strict=True, param_key='params'):
+def load_network(self, net: torch.nn.Module, load_path: str, strict: bool = True,
+                 param_key: str | None = 'params') -> None:
     from nl_plugin import checkpoint
     checkpoint.load_network(self, net, load_path, strict, param_key)
 
@@ -302,12 +297,12 @@ def _finish_distributed():
         dist.destroy_process_group()
 
 
-def train_pipeline(root_path):
+def train_pipeline(root_path: str) -> None:
     _ORIGINAL['train_pipeline'](root_path)
     _finish_distributed()
 
 
-def test_pipeline(root_path):
+def test_pipeline(root_path: str) -> None:
     _ORIGINAL['test_pipeline'](root_path)
     _finish_distributed()
 
@@ -315,7 +310,7 @@ def test_pipeline(root_path):
 _ORIGINAL = {}
 
 
-def apply():
+def apply() -> None:
     """Apply every fix once. Safe to call again."""
     global _APPLIED
     if _APPLIED:

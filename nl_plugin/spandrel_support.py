@@ -55,13 +55,11 @@ class _NLPluginArch(Architecture):
         return _spec_of(state_dict, self.arch_type)
 
     def load(self, state_dict):
-        from basicsr.utils.registry import ARCH_REGISTRY
-
-        import nl_plugin  # noqa: F401  (registers the archs)
+        from nl_plugin.weights import build_network
         state_dict = _unwrap(state_dict)
         spec = self.spec(state_dict)
         kwargs = {k: v for k, v in spec.items() if k != 'type'}
-        model = ARCH_REGISTRY.get(spec['type'])(**kwargs)
+        model = build_network(spec, where='spandrel')
         tags = [f'{k}={v}' for k, v in kwargs.items() if k in ('num_feat', 'num_steps', 'depth', 'num_stages', 'k')]
         return ImageModelDescriptor(
             model, state_dict, architecture=self, purpose='Restoration', tags=tags,

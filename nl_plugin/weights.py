@@ -12,15 +12,29 @@ checkpoint with an EMA copy holds both: names are then prefixed by BasicSR's par
 (``params.conv_first.weight``, ``params_ema.conv_first.weight``) and ``__metadata__['param_keys']``
 lists the keys.
 
-Reading is safe for both formats: ``torch.load(weights_only=True)`` (no code runs) or safetensors.
+Every weight file the project reads goes through :func:`read_all` (``infer``, ``path:pretrain_network_g``,
+resumes, ``base_pretrained``, the analysis scripts, ``convert_weights``), and every network is built by
+:func:`build_network`. Reading never runs code: ``torch.load(weights_only=True)`` or safetensors, NaN/Inf
+tensors are refused, and a file's ``arch`` entry may only name what :func:`check_file_arch` allows (this
+project's networks and blocks, no paths, sane sizes). :func:`load_network` compares the file's tensors with
+the network built on the ``meta`` device before any memory is allocated for it.
+
 Every file is written by :func:`save_weights`, which hands the bytes to a ``write(path, data)``
 callable (default: a plain file write) so that the caller chooses how they reach the disk.
 """
+from __future__ import annotations
+
+import contextlib
+import inspect
 import io
 import json
+import math
 import os
 import pickle
+import re
 from collections import namedtuple
+from collections.abc import Callable, Iterator, Mapping
+from copy import deepcopy
 
 import torch
 
@@ -38,12 +52,17 @@ class WeightsError(ValueError):
     """A weight file that cannot be read or does not fit the network (one-line message naming the file)."""
 
 
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` without the ``module.`` prefix that (Distributed)DataParallel adds to every key."""
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+
+
 def _plain(obj):
     """JSON-compatible copy of an option value (YAML's OrderedDicts and tuples become dicts and lists)."""
     return json.loads(json.dumps(obj))
 
 
-def check_save_format(value, where='path:save_format'):
+def check_save_format(value: str | None, where: str = 'path:save_format') -> str:
     """Return the file extension of a ``save_format`` option (None means ``pth``); error naming the key."""
     value = 'pth' if value is None else value
     if value not in FORMATS:
@@ -51,12 +70,12 @@ def check_save_format(value, where='path:save_format'):
     return FORMATS[value]
 
 
-def format_of(path):
+def format_of(path: str | os.PathLike) -> str:
     """``'safetensors'`` for a ``.safetensors`` path, else ``'pth'``."""
     return 'safetensors' if str(path).lower().endswith('.safetensors') else 'pth'
 
 
-def arch_from_opt(net_opt):
+def arch_from_opt(net_opt: Mapping) -> dict:
     """The ``arch`` spec stored with the weights: a network option dict (``type`` + constructor keys).
 
     Args:
@@ -68,10 +87,13 @@ def arch_from_opt(net_opt):
     spec = _plain(dict(net_opt))
     if 'type' not in spec:
         raise KeyError(f'network options lack "type": {spec}')
+    if spec['type'] == 'NonLocalInjection':   # the file holds the trained base: the start point is not part of it
+        spec.pop('base_pretrained', None)
+        spec.pop('base_param_key', None)
     return spec
 
 
-def pipeline_from_opt(opt):
+def pipeline_from_opt(opt: Mapping) -> dict:
     """How RestorationModel calls the network, from a BasicSR option dict: ``residual_learning`` and, where
     a dataset names it, the colour mode the network was trained on (``gray``, ``y`` or ``rgb``)."""
     out = {'residual_learning': bool(opt.get('residual_learning', False))}
@@ -96,14 +118,17 @@ def _param_dicts(params):
 
 
 def _cpu_tensors(state_dict):
-    out = {}
-    for k, v in state_dict.items():
-        k = k[len('module.'):] if k.startswith('module.') else k
-        out[k] = v.detach().to('cpu').contiguous().clone()   # safetensors refuses shared storage
-    return out
+    # safetensors refuses shared storage: every tensor gets its own
+    return {k: v.detach().to('cpu').contiguous().clone() for k, v in strip_module_prefix(state_dict).items()}
 
 
-def to_bytes(params, arch=None, pipeline=None, fmt='pth'):
+def _safetensors_missing(path: str, action: str) -> WeightsError:
+    return WeightsError(f'{path}: {action} .safetensors needs the safetensors package: '
+                        'pip install nl_plugin[safetensors]')
+
+
+def to_bytes(params: Mapping, arch: Mapping | None = None, pipeline: Mapping | None = None,
+             fmt: str = 'pth', path: str = '') -> bytes:
     """Serialize weights (see :func:`save_weights`) to the bytes of a ``pth`` or ``safetensors`` file."""
     dicts = {k: _cpu_tensors(sd) for k, sd in _param_dicts(params).items()}
     if fmt == 'pth':
@@ -117,7 +142,10 @@ def to_bytes(params, arch=None, pipeline=None, fmt='pth'):
         return buf.getvalue()
     if fmt != 'safetensors':
         raise ValueError(f'weights format must be one of {sorted(FORMATS)}, got {fmt!r}')
-    from safetensors.torch import save
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise _safetensors_missing(path or 'output', 'writing') from None
     meta = {'format': 'pt'}
     if arch is not None:
         meta[ARCH_KEY] = json.dumps(_plain(arch))
@@ -132,7 +160,9 @@ def to_bytes(params, arch=None, pipeline=None, fmt='pth'):
     return save(tensors, metadata=meta)
 
 
-def save_weights(params, path, arch=None, pipeline=None, fmt=None, write=None):
+def save_weights(params: Mapping, path: str | os.PathLike, arch: Mapping | None = None,
+                 pipeline: Mapping | None = None, fmt: str | None = None,
+                 write: Callable[[str, bytes], object] | None = None) -> str:
     """Write a weight file that rebuilds its network (the one function every writer of weights calls).
 
     Args:
@@ -146,12 +176,12 @@ def save_weights(params, path, arch=None, pipeline=None, fmt=None, write=None):
     Returns:
         str: ``path``.
     """
-    data = to_bytes(params, arch, pipeline, fmt or format_of(path))
+    data = to_bytes(params, arch, pipeline, fmt or format_of(path), path=str(path))
     (write or _write_file)(str(path), data)
     return str(path)
 
 
-def safe_torch_load(path, map_location='cpu'):
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> object:
     """``torch.load(path, weights_only=True)``, passed explicitly so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
     cannot turn it off; a refused or unreadable file is a :class:`WeightsError` naming it."""
     try:
@@ -167,6 +197,11 @@ def safe_torch_load(path, map_location='cpu'):
 
 
 def _read_pth(path):
+    with open(path, 'rb') as f:
+        magic = f.read(4)
+    if magic != b'PK\x03\x04' and magic[:1] != b'\x80':   # torch.save writes a zip archive (legacy: a pickle)
+        raise WeightsError(f'{path}: cannot be read as a PyTorch weight file (neither a zip archive nor a pickle; '
+                           f'starts with {magic!r})')
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise WeightsError(f'{path}: holds a {type(obj).__name__}, not a state dict')
@@ -183,8 +218,7 @@ def _read_safetensors(path):
     try:
         from safetensors import safe_open
     except ImportError:
-        raise WeightsError(f'{path}: reading .safetensors needs `pip install safetensors` '
-                           '(extra: pip install nl_plugin[safetensors])') from None
+        raise _safetensors_missing(path, 'reading') from None
     try:
         with safe_open(path, framework='pt', device='cpu') as f:
             meta = f.metadata() or {}
@@ -204,12 +238,25 @@ def _read_safetensors(path):
     return dicts, arch, pipeline
 
 
-def read_all(path):
-    """Every state dict of a weight file with its metadata.
+def _check_finite(dicts: Mapping[str, Mapping[str, torch.Tensor]], path: str) -> None:
+    """A NaN/Inf weight gives a network that writes black images: refuse the file, naming the first such tensor."""
+    for pk, sd in dicts.items():
+        for name, t in sd.items():
+            if torch.is_tensor(t) and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                where = name if len(dicts) == 1 else f'{pk}.{name}'
+                raise WeightsError(f'{path}: tensor {where!r} holds NaN or Inf values; the file is refused '
+                                   '(a diverged or damaged training run?)')
+
+
+def read_all(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict | None, dict]:
+    """Every state dict of a weight file with its metadata: the one reader of weight files.
 
     Returns:
         tuple[dict[str, dict], dict | None, dict]: ``{param_key: state_dict}`` (``module.`` prefixes
         removed), the arch spec (None if the file has none) and the pipeline options.
+
+    Raises:
+        WeightsError: One line naming the file: missing, unreadable, pickled objects, NaN/Inf tensors.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -218,12 +265,15 @@ def read_all(path):
     dicts, arch, pipeline = reader(path)
     if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get('type'), str)):
         raise WeightsError(f'{path}: bad "{ARCH_KEY}" entry {arch!r} (expected {{"type": NAME, ...}})')
-    dicts = {pk: {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in sd.items()}
-             for pk, sd in dicts.items()}
-    return dicts, arch, dict(pipeline)
+    bad = [pk for pk, sd in dicts.items() if not isinstance(sd, dict) or not all(map(torch.is_tensor, sd.values()))]
+    if bad:
+        raise WeightsError(f'{path}: entry {bad[0]!r} is not a state dict of tensors')
+    dicts = {pk: strip_module_prefix(sd) for pk, sd in dicts.items()}
+    _check_finite(dicts, path)
+    return dicts, arch, dict(pipeline) if isinstance(pipeline, dict) else {}
 
 
-def read_weights(path, param_key=None):
+def read_weights(path: str | os.PathLike, param_key: str | None = None) -> Weights:
     """Read a weight file of either format.
 
     Args:
@@ -243,8 +293,48 @@ def read_weights(path, param_key=None):
     return Weights(dicts[param_key], arch, pipeline, param_key, str(path))
 
 
-def mismatch_report(net, state_dict, limit=8):
-    """One line listing missing, unexpected and wrongly shaped keys of ``state_dict`` for ``net`` ('' if it fits)."""
+def read_state_dict(path: str | os.PathLike, param_key: str | None = 'params',
+                    where: str = '') -> tuple[dict[str, torch.Tensor], str]:
+    """One state dict of a weight file by BasicSR's rule: ``param_key``, else ``params`` where the file lacks it.
+
+    Args:
+        path (str): ``.pth`` or ``.safetensors``.
+        param_key (str | None): ``params`` / ``params_ema``; None: the file's first state dict.
+        where (str): Option that named the file (e.g. ``network_g:base_pretrained``), prefixed to errors.
+
+    Returns:
+        tuple[dict, str]: the state dict and the parameter key it came from.
+    """
+    prefix = f'{where}: ' if where else ''
+    try:
+        dicts, _, _ = read_all(path)
+    except WeightsError as err:
+        raise WeightsError(f'{prefix}{err}') from None
+    key = next(iter(dicts)) if param_key is None else param_key
+    if key not in dicts and 'params' in dicts:
+        key = 'params'
+    if key not in dicts:
+        raise WeightsError(f'{prefix}{path}: no {param_key!r} entry (the file has {sorted(dicts)})')
+    return dicts[key], key
+
+
+def existing_weight_file(path: str | os.PathLike, prefer: str | None = None) -> str:
+    """``path``, or its sibling in the other weight format where only that one exists (a run that changed
+    ``path:save_format``); ``path`` itself when neither exists. ``prefer``: the extension tried first."""
+    stem, ext = os.path.splitext(str(path))
+    exts = [ext] if ext in FORMATS.values() else [str(path)[len(stem):]]
+    exts += [e for e in FORMATS.values() if e not in exts]
+    if prefer in exts:
+        exts.remove(prefer)
+        exts.insert(0, prefer)
+    return next((stem + e for e in exts if os.path.isfile(stem + e)), str(path))
+
+
+def mismatch_report(net: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], limit: int = 8) -> str:
+    """One line listing missing, unexpected and wrongly shaped keys of ``state_dict`` for ``net`` ('' if it fits).
+
+    ``net`` may live on the ``meta`` device: only names and shapes are compared.
+    """
     own = net.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -258,15 +348,168 @@ def mismatch_report(net, state_dict, limit=8):
     return '; '.join(parts)
 
 
-def describe(spec):
+def describe(spec: Mapping) -> str:
     """``NLRN(num_feat=8, num_steps=2)`` for an arch spec."""
     args = ', '.join(f'{k}={v!r}' for k, v in spec.items() if k != 'type')
     return f'{spec["type"]}({args})'
 
 
-def resolve_arch(weights, arch_type=None, arch_opt=None, detect=True):
+# ---------------------------------------------------------------------------------------------- what a file may ask for
+#: Architectures a weight file's ``arch`` entry may name: this project's networks and blocks. Any other
+#: registered architecture is built only when the user names it (``--arch``).
+FILE_ARCHS = ('NLRN', 'N3Net', 'DnCNN', 'VDSR', 'N3Block', 'N3SetBlock', 'WindowedNonLocalBlock', 'NonLocalInjection')
+#: Bases a file's ``NonLocalInjection`` may wrap: this project's networks and BasicSR's image networks whose
+#: constructors take no path (SpyNet, BasicVSR, IconVSR, DFDNet load files, VGGFeatureExtractor downloads
+#: its weights, SwinIR passes ``**kwargs`` on unchecked: none of them is listed).
+INJECTION_BASES = ('NLRN', 'N3Net', 'DnCNN', 'VDSR', 'EDSR', 'RCAN', 'MSRResNet', 'RRDBNet', 'RIDNet', 'ECBSR',
+                   'SRVGGNetCompact')
+#: Blocks a file's ``NonLocalInjection`` may insert.
+INJECTION_BLOCKS = ('N3Block', 'N3SetBlock', 'WindowedNonLocalBlock')
+#: Range of the integer arguments a file may give, by name: generous for any trained model, small enough that
+#: building the network to compare its shapes with the file's tensors stays cheap.
+ARG_LIMITS = {
+    **dict.fromkeys(('num_in_ch', 'num_out_ch', 'in_channels', 'out_channels', 'in_chans'), (1, 64)),
+    **dict.fromkeys(('num_noise_ch', 'embed_out_ch'), (0, 64)),
+    **dict.fromkeys(('num_feat', 'num_embed', 'embed_feat', 'num_inter_ch', 'mid_channels', 'num_channel',
+                     'num_grow_ch', 'embed_dim'), (1, 1024)),
+    **dict.fromkeys(('depth', 'num_steps', 'num_stages', 'num_block', 'num_group', 'num_conv', 'nonlocal_every'),
+                    (1, 256)),
+    **dict.fromkeys(('k', 'patch_size', 'stride', 'squeeze_factor'), (1, 64)),
+    **dict.fromkeys(('search_size', 'window_size', 'probe_size'), (1, 512)),
+    **dict.fromkeys(('upscale', 'scale'), (1, 16)),
+}
+_OTHER_INT_LIMIT = 4096
+_MAX_STR, _MAX_LIST = 64, 16
+#: Argument names that hold a path, URL or file (their value, if not None, is refused).
+_PATH_NAME = re.compile(r'path|file|dir|url|pretrain|load|ckpt|checkpoint', re.IGNORECASE)
+#: String values that look like a path or URL.
+_PATH_VALUE = re.compile(r'[/\\]|://|^[~.]|\.(pth?|pt|safetensors|bin|ckpt|npy|npz|pkl|t7|onnx|h5|yml|yaml|json)$',
+                         re.IGNORECASE)
+_HINT = 'to build anything else, name it yourself: --arch TYPE [--arch-opt KEY=VALUE ...]'
+
+
+def _registry_name(name: str) -> str:
+    return name[:-len('_basicsr')] if name.endswith('_basicsr') else name
+
+
+def _check_value(key: str, value: object, default: object, where: str) -> None:
+    """One constructor argument from a file: a plain value of the default's kind, in range, not a path."""
+    def refuse(why):
+        raise WeightsError(f'{where}: {key}={value!r} {why}; {_HINT}')
+
+    if _PATH_NAME.search(key) and value is not None:
+        hint = ' (the file holds the trained base: add --arch-opt base_pretrained=null)' \
+            if key == 'base_pretrained' else ''
+        refuse(f'names a path, URL or file, which a weight file may not give{hint}')
+    if isinstance(value, bool):
+        if default is not inspect.Parameter.empty and default is not None and not isinstance(default, bool):
+            refuse(f'is a bool but the constructor expects {type(default).__name__}')
+        return
+    if value is None:
+        return
+    if isinstance(value, int):
+        low, high = ARG_LIMITS.get(key, (-_OTHER_INT_LIMIT, _OTHER_INT_LIMIT))
+        if isinstance(default, (bool, str, list, tuple)):
+            refuse(f'is a number but the constructor expects {type(default).__name__}')
+        if not low <= value <= high:
+            refuse(f'is outside the range a weight file may give ({low}..{high})')
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > 1e6:
+            refuse('is not a finite number of sane size')
+        if key in ARG_LIMITS:
+            refuse('is a float but must be an integer')
+        if isinstance(default, (bool, str, list, tuple)):   # an int default also takes floats (EDSR's res_scale)
+            refuse(f'is a float but the constructor expects {type(default).__name__}')
+        return
+    if isinstance(value, str):
+        if len(value) > _MAX_STR or _PATH_VALUE.search(value):
+            refuse('looks like a path, URL or file, which a weight file may not give')
+        if default is not inspect.Parameter.empty and default is not None and not isinstance(default, str):
+            refuse(f'is text but the constructor expects {type(default).__name__}')
+        return
+    if isinstance(value, (list, tuple)) and len(value) <= _MAX_LIST:
+        for item in value:
+            if isinstance(item, (dict, list, tuple)):
+                refuse('nests containers, which no allowed constructor takes')
+            _check_value(key, item, inspect.Parameter.empty, where)
+        return
+    refuse(f'is a {type(value).__name__}, not a plain value')
+
+
+def _check_args(cls: type, spec: Mapping, where: str, skip: tuple = ()) -> None:
+    """Every argument the file gives (not in ``skip``) is a named parameter of ``cls`` with a sane value."""
+    params = {n: p for n, p in inspect.signature(cls).parameters.items()
+              if n != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key, value in spec.items():
+        if key == 'type' or key in skip:
+            continue
+        if key not in params:
+            raise WeightsError(f'{where}: {key!r} is not an argument of {cls.__name__} '
+                               f'(its arguments: {", ".join(params)}); {_HINT}')
+        _check_value(key, value, params[key].default, where)
+
+
+def check_file_arch(spec: Mapping, where: str, check_type: bool = True, trusted: tuple = ()) -> None:
+    """Refuse what a weight file's ``arch`` entry may not ask for, before anything is built.
+
+    A file may name the architectures in :data:`FILE_ARCHS` (a ``NonLocalInjection`` only over
+    :data:`INJECTION_BASES` with :data:`INJECTION_BLOCKS`), with arguments its constructor takes, of the
+    kind of their defaults, in the ranges of :data:`ARG_LIMITS`, and none that is a path, URL or file.
+
+    Args:
+        spec (dict): ``{'type': ..., **kwargs}``.
+        where (str): The file, for the message.
+        check_type (bool): Whether the type came from the file (False: the user named it with ``--arch``).
+        trusted (tuple[str]): Keys the user gave (``--arch-opt``): not checked.
+
+    Raises:
+        WeightsError: One line naming the file, the argument and ``--arch`` as the way to build anything else.
+    """
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    import nl_plugin  # noqa: F401  (registers the archs)
+    kind = str(spec['type'])
+    if check_type and _registry_name(kind) not in FILE_ARCHS:
+        raise WeightsError(f'{where}: the file asks for architecture {kind!r}, which a weight file may not name '
+                           f'(allowed: {", ".join(FILE_ARCHS)}); {_HINT}')
+    try:
+        cls = ARCH_REGISTRY.get(kind)
+    except KeyError as err:
+        raise WeightsError(f'{where}: {err.args[0]}') from None
+    args = {k: v for k, v in spec.items() if k not in trusted}
+    nested = ('base', 'blocks') if cls.__name__ == 'NonLocalInjection' else ()
+    _check_args(cls, args, f'{where}: {kind}', skip=nested + tuple(trusted))
+    if not nested:
+        return
+    if args.get('base_param_key', 'params') not in (None, 'params', 'params_ema'):
+        raise WeightsError(f'{where}: base_param_key={args["base_param_key"]!r} must be params or params_ema')
+    for key, allowed, entries in (('base', INJECTION_BASES, [args.get('base')] if 'base' in args else []),
+                                  ('blocks', INJECTION_BLOCKS, list(args.get('blocks') or ()))):
+        if key in args and not isinstance(args[key], (dict, list, tuple)) or len(entries) > _MAX_LIST:
+            raise WeightsError(f'{where}: NonLocalInjection {key}={args[key]!r} is not a mapping or a list of at '
+                               f'most {_MAX_LIST} blocks; {_HINT}')
+        for i, entry in enumerate(entries):
+            at = f'{where}: NonLocalInjection {key}' + (f'[{i}]' if key == 'blocks' else '')
+            if not isinstance(entry, dict) or not isinstance(entry.get('type'), str):
+                raise WeightsError(f'{at}: {entry!r} is not {{"type": NAME, ...}}; {_HINT}')
+            if _registry_name(entry['type']) not in allowed:
+                raise WeightsError(f'{at}: type {entry["type"]!r} may not be named by a weight file '
+                                   f'(allowed: {", ".join(allowed)}); {_HINT}')
+            try:
+                entry_cls = ARCH_REGISTRY.get(entry['type'])
+            except KeyError as err:
+                raise WeightsError(f'{at}: {err.args[0]}') from None
+            _check_args(entry_cls, {k: v for k, v in entry.items() if k != 'after'}, at)
+            if key == 'blocks' and not (isinstance(entry.get('after'), str) and len(entry['after']) <= 256):
+                raise WeightsError(f'{at}: after={entry.get("after")!r} is not a submodule name')
+
+
+def resolve_arch(weights: Weights, arch_type: str | None = None, arch_opt: Mapping | None = None,
+                 detect: bool = True) -> tuple[dict, str]:
     """The arch spec to build: the file's, or ``arch_type`` (+ the file's keys if the type matches), updated
-    by ``arch_opt``; if neither is given, detected from the state dict's keys and shapes.
+    by ``arch_opt``; if neither is given, detected from the state dict's keys and shapes. What the file
+    contributed is checked by :func:`check_file_arch` (the type only when the user did not name it).
 
     Returns:
         tuple[dict, str]: the spec and where it came from (``'file'``, ``'option'`` or ``'detected'``).
@@ -281,24 +524,117 @@ def resolve_arch(weights, arch_type=None, arch_opt=None, detect=True):
     if spec is None:
         raise WeightsError(f'{weights.path}: the file carries no architecture and its keys match none known; '
                            'give --arch TYPE [--arch-opt KEY=VALUE ...]')
+    check_file_arch(spec, weights.path, check_type=source != 'option', trusted=('type', *(arch_opt or {})))
     spec.update(arch_opt or {})
     return spec, source
 
 
-def build_network(spec, where=''):
-    """Build a registered architecture from an arch spec (unknown type/keys give one-line errors)."""
-    from basicsr.archs import build_network as _build
+@contextlib.contextmanager
+def _creation_budget(limit: int | None, what: str) -> Iterator[None]:
+    """Stop a constructor once it has registered more than ``limit`` modules, parameters and buffers together:
+    a network that big cannot fit a file with fewer tensors, and building it (even on ``meta``) takes time."""
+    if limit is None:
+        yield
+        return
+    from torch.nn.modules import module as nn_module
+    count = [0]
+
+    def hook(module, name, value):
+        if value is not None:
+            count[0] += 1
+            if count[0] > limit:
+                raise WeightsError(f'{what}: it has more than {limit} modules, parameters and buffers, far more than '
+                                   'the file has tensors; not built further')
+    handles = [nn_module.register_module_parameter_registration_hook(hook),
+               nn_module.register_module_buffer_registration_hook(hook),
+               nn_module.register_module_module_registration_hook(hook)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _SkipMetaInit(torch.overrides.TorchFunctionMode):
+    """Skip the in-place initialisations of ``meta`` tensors (they keep no values, and torch decomposes them
+    op by op there, many times slower than the real ones): a ``meta`` build then costs what its modules cost."""
+
+    _INIT = frozenset(('normal_', 'uniform_', 'fill_', 'zero_', 'copy_', 'trunc_normal_', 'bernoulli_',
+                       'exponential_', 'mul_', 'add_', 'clamp_', 'sub_', 'div_', 'erfinv_'))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, '__name__', '') in self._INIT and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def build_network(spec: Mapping, where: str = 'network', device: str | torch.device | None = None,
+                  max_objects: int | None = None, budget_what: str | None = None) -> torch.nn.Module:
+    """The one network builder: a registered architecture from ``{'type': NAME, **constructor kwargs}``.
+
+    Args:
+        spec (dict): Registry name and constructor arguments (e.g. a ``network_g`` section).
+        where (str): Option path for messages, e.g. ``'network_g'`` or a file.
+        device (str | torch.device, optional): Build on this device (``'meta'``: shapes only, no memory).
+        max_objects (int, optional): Stop building once this many modules, parameters and buffers exist.
+        budget_what (str, optional): Start of that error's message. Default: ``where``.
+
+    Returns:
+        torch.nn.Module: The network.
+
+    Raises:
+        KeyError: No ``type``, an unknown type (with did-you-mean), unknown or missing constructor keys.
+        ValueError / TypeError: Whatever the constructor refuses.
+    """
+    from basicsr.utils.registry import ARCH_REGISTRY
 
     import nl_plugin  # noqa: F401  (registers the archs and the compat error messages)
+    from nl_plugin.config_checks import check_kwargs
+    opt = deepcopy(dict(spec))
+    if 'type' not in opt:
+        raise KeyError(f'{where}: the option "type" is missing in {opt}')
+    cls = ARCH_REGISTRY.get(opt.pop('type'))
+    check_kwargs(cls, opt, where=f'{where} ({cls.__name__})')
+    meta = device is not None and torch.device(device).type == 'meta'
+    with torch.device(device) if device is not None else contextlib.nullcontext(), \
+            _SkipMetaInit() if meta else contextlib.nullcontext(), _creation_budget(max_objects, budget_what or where):
+        return cls(**opt)
+
+
+def _build_for(spec: Mapping, path: str, **kwargs) -> torch.nn.Module:
     try:
-        return _build(dict(spec))
+        return build_network(spec, where=path, **kwargs)
     except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, WeightsError):
+            raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        raise WeightsError(f'{where}{": " if where else ""}{msg}') from None
+        raise WeightsError(f'{msg}' if msg.startswith(path) else f'{path}: {msg}') from None
 
 
-def load_network(path, arch_type=None, arch_opt=None, param_key=None):
+def check_fits(spec: Mapping, state_dicts: Mapping[str, Mapping[str, torch.Tensor]], path: str) -> None:
+    """Build ``spec`` on the ``meta`` device (no memory) and compare every parameter and buffer name and shape
+    with each state dict's tensors; a network that cannot fit is stopped while it is being built.
+
+    Raises:
+        WeightsError: One line listing the missing, unexpected and wrongly shaped keys.
+    """
+    n = max(len(sd) for sd in state_dicts.values())
+    meta = _build_for(spec, path, device='meta', max_objects=8 * n + 256, budget_what=f'{path} does not fit '
+                      f'{describe(spec)}')
+    for key, sd in state_dicts.items():
+        report = mismatch_report(meta, sd)
+        if report:
+            label = f' ({key})' if len(state_dicts) > 1 else ''
+            raise WeightsError(f'{path}{label} does not fit {describe(spec)}: {report}')
+
+
+def load_network(path: str | os.PathLike, arch_type: str | None = None, arch_opt: Mapping | None = None,
+                 param_key: str | None = None) -> tuple[torch.nn.Module, dict, Weights]:
     """Rebuild the network stored in a weight file and load its weights strictly.
+
+    The file's ``arch`` entry is checked (:func:`check_file_arch`) and the network is built on the ``meta``
+    device and compared with the file's tensors (:func:`check_fits`) before it is allocated.
 
     Args:
         path (str): Weight file (``.pth`` or ``.safetensors``).
@@ -315,13 +651,12 @@ def load_network(path, arch_type=None, arch_opt=None, param_key=None):
     """
     weights = read_weights(path, param_key)
     spec, _ = resolve_arch(weights, arch_type, arch_opt)
-    net = build_network(spec, where=str(path))
-    report = mismatch_report(net, weights.state_dict)
-    if report:
-        raise WeightsError(f'{path} does not fit {describe(spec)}: {report}')
+    check_fits(spec, {weights.param_key: weights.state_dict}, str(path))
+    net = _build_for(spec, str(path))
     net.load_state_dict(weights.state_dict, strict=True)
     return net.eval(), spec, weights
 
 
-__all__ = ['save_weights', 'read_weights', 'read_all', 'load_network', 'build_network', 'resolve_arch', 'arch_from_opt',
-           'mismatch_report', 'check_save_format', 'to_bytes', 'Weights', 'WeightsError']
+__all__ = ['save_weights', 'read_weights', 'read_all', 'read_state_dict', 'existing_weight_file', 'load_network',
+           'build_network', 'check_fits', 'check_file_arch', 'resolve_arch', 'arch_from_opt', 'mismatch_report',
+           'strip_module_prefix', 'check_save_format', 'to_bytes', 'Weights', 'WeightsError', 'FILE_ARCHS']

@@ -3,68 +3,15 @@
     python scripts/convert_weights.py net_g_latest.pth net_g.safetensors
     python scripts/convert_weights.py net_g.safetensors net_g.pth
     python scripts/convert_weights.py official.pth nlrn.safetensors --arch NLRN --arch-opt num_steps=12
-    python scripts/convert_weights.py ckpt.pth deploy.safetensors --param-key params_ema   # one state dict
 
-The output format follows the output's extension. The ``arch`` entry (registry name + constructor
-arguments; in a safetensors file a JSON string in ``__metadata__``) is copied, or taken from
-``--arch``/``--arch-opt``, or read back from the tensors' keys and shapes; the weights are then loaded
-strictly into that network before anything is written. Every state dict of the input is kept unless
-``--param-key`` picks one. An existing output is never replaced without ``--overwrite``.
+The command line of :mod:`nl_plugin.convert.formats` (see there).
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-from nl_plugin import weights  # noqa: E402
-from nl_plugin.utils import key_value_arg  # noqa: E402
-
-
-def convert(src, dst, arch_type=None, arch_opt=None, param_key=None, overwrite=False, write=None):
-    """Read ``src``, check it against its network, write ``dst`` (format from the extension).
-
-    Returns:
-        tuple[dict | None, list[str]]: the stored arch spec and the parameter keys written.
-    """
-    if os.path.exists(dst) and not overwrite:
-        raise weights.WeightsError(f'{dst} exists; use --overwrite to replace it')
-    dicts, arch, pipeline = weights.read_all(src)
-    if param_key is not None:
-        if param_key not in dicts:
-            raise weights.WeightsError(f'{src}: no parameter key {param_key!r}; the file has {sorted(dicts)}')
-        dicts = {param_key: dicts[param_key]}
-    loaded = weights.Weights(dicts.get('params_ema', next(iter(dicts.values()))), arch, pipeline, None, src)
-    spec, source = weights.resolve_arch(loaded, arch_type, dict(arch_opt or {}))
-    for key, sd in dicts.items():
-        report = weights.mismatch_report(weights.build_network(spec, where=src), sd)
-        if report:
-            raise weights.WeightsError(f'{src} ({key}) does not fit {weights.describe(spec)}: {report}')
-    if source == 'detected':
-        print(f'{src} carries no architecture; stored the one its tensors fit: {weights.describe(spec)}')
-    weights.save_weights(dicts, dst, arch=spec, pipeline=pipeline, write=write)
-    return spec, list(dicts)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('input', help='.pth or .safetensors')
-    parser.add_argument('output', help='.pth or .safetensors (the format follows the extension)')
-    parser.add_argument('--arch', help='architecture for files that carry none (or to replace it)')
-    parser.add_argument('--arch-opt', type=key_value_arg, action='append', default=[], metavar='KEY=VALUE',
-                        help='constructor argument to store (YAML value); repeatable')
-    parser.add_argument('--param-key', help='keep only this state dict (e.g. params_ema)')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
-    args = parser.parse_args(argv)
-    try:
-        spec, keys = convert(args.input, args.output, args.arch, args.arch_opt, args.param_key, args.overwrite)
-    except weights.WeightsError as err:
-        print(f'convert_weights: error: {err}', file=sys.stderr)
-        return 2
-    print(f'wrote {args.output}: {weights.describe(spec)}, {", ".join(keys)}')
-    return 0
-
+from nl_plugin.convert.formats import main  # noqa: E402
 
 if __name__ == '__main__':
     sys.exit(main())

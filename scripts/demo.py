@@ -70,9 +70,8 @@ def scaled_iters(total_iters, iters):
 
 
 def count_parameters(net_opt):
-    from basicsr.utils.registry import ARCH_REGISTRY
-    net_opt = dict(net_opt)
-    net = ARCH_REGISTRY.get(net_opt.pop('type'))(**net_opt)
+    from nl_plugin.weights import build_network
+    net = build_network(net_opt)
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 

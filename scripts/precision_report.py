@@ -89,13 +89,8 @@ def train(arch, precision, args, seed):
 
 
 def load(arch, weights):
-    import torch
-    from basicsr.utils.registry import ARCH_REGISTRY
-    spec = dict(ARCHS[arch]['network_g'])
-    net = ARCH_REGISTRY.get(spec.pop('type'))(**spec)
-    state = torch.load(weights, map_location='cpu', weights_only=True)
-    net.load_state_dict(state.get('params', state))
-    return net.eval()
+    from nl_plugin.analysis.networks import build_network, load_checkpoint
+    return load_checkpoint(build_network(ARCHS[arch]['network_g']), weights).eval()
 
 
 def full_size_val(work):

@@ -7,6 +7,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from nl_plugin.archs.nonlocal_injection_arch import NonLocalInjection
+from nl_plugin.weights import WeightsError
 
 EDSR = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 3, 'upscale': 2}
 RRDB = {'type': 'RRDBNet', 'num_in_ch': 3, 'num_out_ch': 3, 'scale': 4, 'num_feat': 8, 'num_block': 2,
@@ -76,10 +77,10 @@ def test_state_dict_keeps_base_names_and_loads_back(tmp_path):
     assert torch.equal(again(x), net(x))
     # a wrapped checkpoint given as base_pretrained, or a checkpoint of another base: one clear error each
     torch.save({'params': net.state_dict()}, tmp_path / 'wrapped.pth')
-    with pytest.raises(ValueError, match='pretrain_network_g'):
+    with pytest.raises(WeightsError, match='pretrain_network_g'):
         NonLocalInjection(base_opt, blocks, base_pretrained=str(tmp_path / 'wrapped.pth'))
     _, other = _base_checkpoint(tmp_path, dict(base_opt, num_block=2))
-    with pytest.raises(KeyError, match='unexpected keys|missing keys'):
+    with pytest.raises(WeightsError, match=r'network_g:base_pretrained: .* does not fit EDSR: missing keys'):
         NonLocalInjection(base_opt, blocks, base_pretrained=str(other))
 
 

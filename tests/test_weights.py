@@ -1,6 +1,5 @@
 """Weight files that rebuild their network: formats, metadata, safe loading, mismatch reports, detection,
 scripts/convert_weights.py, and checkpoints of a real ``basicsr train`` run (safetensors, EMA, resume)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,9 +10,10 @@ import torch
 import yaml
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from conftest import ROOT, basicsr_cmd
+from conftest import basicsr_cmd
 from nl_plugin import weights
 from nl_plugin.arch_detect import detect_arch
+from nl_plugin.convert import formats as convert
 
 NLRN_SPEC = {'type': 'NLRN', 'num_feat': 8, 'num_embed': 4, 'num_steps': 2}
 
@@ -24,13 +24,6 @@ def build(spec):
         for p in net.parameters():       # non-trivial weights (NLRN's g starts at zero)
             p.add_(torch.randn_like(p) * 0.05)
     return net.eval()
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'scripts', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_safetensors_round_trip_keeps_arch_in_header(tmp_path):
@@ -125,7 +118,6 @@ def test_detected_arch_rebuilds_the_same_network(spec):
 
 def test_convert_weights_script(tmp_path, capsys):
     pytest.importorskip('safetensors')
-    convert = load_script('convert_weights')
     spec = {'type': 'N3Net', 'num_feat': 8, 'depth': 3, 'embed_feat': 8, 'num_stages': 2}
     net = build(spec)
     bare = str(tmp_path / 'bare.pth')
@@ -158,10 +150,12 @@ def _train_opt(root):
     }
 
 
-def test_training_checkpoints_rebuild_without_arch(tmp_path):
-    """safetensors + EMA from ``basicsr train``, resumed from them, then .pth; both rebuild from the file alone."""
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    """A real ``basicsr train`` run of 2 iterations saving safetensors + EMA: (root, option file, env)."""
     pytest.importorskip('safetensors')
     import cv2
+    tmp_path = tmp_path_factory.mktemp('tiny_run')
     rng = np.random.default_rng(0)
     os.makedirs(tmp_path / 'train')
     for i in range(3):
@@ -172,6 +166,12 @@ def test_training_checkpoints_rebuild_without_arch(tmp_path):
     r = subprocess.run([basicsr_cmd(), 'train', '-opt', str(opt)], cwd=tmp_path, capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return tmp_path, opt, env
+
+
+def test_training_checkpoints_rebuild_without_arch(tiny_run):
+    """safetensors + EMA from ``basicsr train``, resumed from them, then .pth; both rebuild from the file alone."""
+    tmp_path, opt, env = tiny_run
     models = tmp_path / 'experiments' / 'tiny' / 'models'
     assert sorted(os.listdir(models)) == ['net_g_2.safetensors', 'net_g_latest.safetensors']
     dicts, arch, pipeline = weights.read_all(models / 'net_g_2.safetensors')
@@ -187,7 +187,96 @@ def test_training_checkpoints_rebuild_without_arch(tmp_path):
     assert spec == arch and w.param_key == 'params_ema' and type(net).__name__ == 'DnCNN'
 
 
+def test_resume_from_another_experiment_or_network_is_refused(tiny_run):
+    """A training state records its experiment and network: resuming it in another run is one line naming both."""
+    tmp_path, opt, env = tiny_run
+    state = tmp_path / 'experiments' / 'tiny' / 'training_states' / '2.state'
+    assert torch.load(state, weights_only=False)['experiment'] == 'tiny'
+    runs = {'other': ['--force_yml', 'name=other', f'path:resume_state={state}'],
+            'wider': ['--auto_resume', '--force_yml', 'network_g:num_feat=8', 'train:total_iter=4']}
+    for name, extra in runs.items():
+        r = subprocess.run([basicsr_cmd(), 'train', '-opt', str(opt), *extra], cwd=tmp_path, capture_output=True,
+                           text=True, env=env, timeout=300)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and 'path:resume_state: ' in last, r.stderr[-3000:]
+        if name == 'other':
+            assert f"{str(state)!r} is a state of experiment 'tiny' (DnCNN(depth=3, num_feat=4)), this run is " \
+                   "'other'" in last
+        else:
+            assert 'was written for network_g: DnCNN(depth=3, num_feat=4), this run has network_g: ' \
+                   'DnCNN(depth=3, num_feat=8)' in last
+    assert not (tmp_path / 'experiments' / 'other').exists()
+
+
+def test_old_states_resume_with_a_warning_and_a_missing_network_names_the_resume(tmp_path):
+    from nl_plugin import checkpoint
+    opt = {'name': 'run', 'network_g': {'type': 'DnCNN', 'num_feat': 4},
+           'path': {'models': str(tmp_path), 'training_states': str(tmp_path)}}
+    said = []
+    with pytest.raises(FileNotFoundError, match=r"path:resume_state: 'x/7.state' is iteration 7, but the network "
+                                                r"saved with it, '.*net_g_7.pth', does not exist"):
+        checkpoint.check_resume_state({'iter': 7}, opt, 'x/7.state', report=said.append)
+    assert said == ["resume: 'x/7.state' records no experiment name or network spec (written by plain BasicSR or an "
+                    'older nl_plugin); it is not checked against this run']
+    weights.save_weights(build({'type': 'DnCNN', 'num_feat': 4}).state_dict(), str(tmp_path / 'net_g_7.safetensors'))
+    checkpoint.check_resume_state({'iter': 7, **checkpoint.run_identity(opt)}, opt, 'x/7.state')
+
+
 def test_unknown_save_format_is_refused_naming_the_key():
     from nl_plugin.models.restoration_model import RestorationModel
     with pytest.raises(ValueError, match=r"path:save_format: must be one of \['pth', 'safetensors'\], got 'onnx'"):
         RestorationModel.validate_options({'path': {'save_format': 'onnx'}})
+
+
+@pytest.mark.parametrize('ext', ['pth', 'safetensors'])
+def test_every_weight_path_reads_both_formats_with_one_error_type(tmp_path, ext):
+    """The analysis scripts' --weights and NonLocalInjection's base_pretrained go through the one reader:
+    either format, DataParallel's ``module.`` prefix, a missing or unfit file is a WeightsError."""
+    if ext == 'safetensors':
+        pytest.importorskip('safetensors')
+    from nl_plugin.analysis.networks import build_network, load_checkpoint
+    from nl_plugin.archs.nonlocal_injection_arch import NonLocalInjection
+    spec = {'type': 'DnCNN', 'num_feat': 8, 'depth': 3}
+    net = build(spec)
+    path = str(tmp_path / f'w.{ext}')
+    weights.save_weights({'params_ema': {f'module.{k}': v for k, v in net.state_dict().items()}}, path)
+    x = torch.rand(1, 1, 9, 11)
+    loaded = load_checkpoint(build_network(spec), path, param_key='params_ema').eval()
+    wrapped = NonLocalInjection(spec, [], base_pretrained=path, base_param_key='params_ema').eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x)) and torch.equal(wrapped(x), net(x))
+    missing = str(tmp_path / f'none.{ext}')
+    for call in (lambda: load_checkpoint(build_network(spec), missing), lambda: weights.read_weights(missing),
+                 lambda: NonLocalInjection(spec, [], base_pretrained=missing)):
+        with pytest.raises(weights.WeightsError, match=r'none\.(pth|safetensors): no such weight file'):
+            call()
+    with pytest.raises(weights.WeightsError, match=r'--weights: .* does not fit DnCNN: shape mismatch'):
+        load_checkpoint(build_network(dict(spec, num_feat=4)), path, param_key='params_ema')
+
+
+def test_one_reader_one_builder_one_prefix_rule():
+    """Weight files are read by nl_plugin.weights alone (training states excepted), networks built by its
+    build_network alone, and the ``module.`` prefix is stripped there alone."""
+    import ast
+    import glob
+    found = {'torch.load': [], 'module.': [], 'build': []}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(weights.__file__)))
+    for path in glob.glob(os.path.join(root, 'nl_plugin', '**', '*.py'), recursive=True) + \
+            glob.glob(os.path.join(root, 'scripts', '*.py')):
+        rel = os.path.relpath(path, root)
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == 'load' and getattr(node.value, 'id', '') == 'torch':
+                found['torch.load'].append(rel)
+            if isinstance(node, ast.Constant) and node.value == 'module.':
+                found['module.'].append(rel)
+            if isinstance(node, ast.FunctionDef) and node.name == 'build_network':
+                found['build'].append(rel)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Call) and \
+                    getattr(node.func.func, 'attr', '') == 'get' and \
+                    getattr(node.func.func.value, 'id', '') == 'ARCH_REGISTRY':   # ARCH_REGISTRY.get(name)(**kwargs)
+                found['build'].append(rel)
+    assert sorted(set(found['torch.load'])) == ['nl_plugin/checkpoint.py', 'nl_plugin/weights.py']
+    assert sorted(set(found['module.'])) == ['nl_plugin/weights.py']
+    # compat's fix 6 is BasicSR's entry point, a one-line call of the one builder
+    assert sorted(found['build']) == ['nl_plugin/compat.py', 'nl_plugin/weights.py']

@@ -1,14 +1,10 @@
 """Networks and inputs for the analysis scripts: a network from an option file and weights, an input image."""
-import os
-from copy import deepcopy
-
 import cv2
 import numpy as np
 import torch
 import yaml
-from basicsr.utils.registry import ARCH_REGISTRY
 
-from nl_plugin.config_checks import check_kwargs
+from nl_plugin.weights import WeightsError, build_network, mismatch_report, read_state_dict
 
 
 def parse_overrides(items):
@@ -21,24 +17,14 @@ def parse_overrides(items):
     return out
 
 
-def build_network(net_opt):
-    """An architecture from a ``network_g``-style dict, with nl_plugin's error for unknown keys."""
-    net_opt = deepcopy(net_opt)
-    arch = ARCH_REGISTRY.get(net_opt.pop('type'))
-    check_kwargs(arch, net_opt, where=f'network {arch.__name__}')
-    return arch(**net_opt)
-
-
 def load_checkpoint(net, path, param_key='params'):
-    """Load a BasicSR ``net_g_*.pth`` (``param_key``, else 'params') or a plain state dict, strictly."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'--weights: {path!r} does not exist')
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    if isinstance(state, dict) and param_key in state:
-        state = state[param_key]
-    elif isinstance(state, dict) and 'params' in state:
-        state = state['params']
-    net.load_state_dict({k[7:] if k.startswith('module.') else k: v for k, v in state.items()}, strict=True)
+    """Load a weight file (``.pth`` or ``.safetensors``: ``param_key``, else 'params', or a bare state dict)
+    into ``net`` strictly; a missing or unfit file is a one-line ``WeightsError`` naming ``--weights``."""
+    state, _ = read_state_dict(path, param_key, where='--weights')
+    report = mismatch_report(net, state)
+    if report:
+        raise WeightsError(f'--weights: {path} does not fit {type(net).__name__}: {report}')
+    net.load_state_dict(state, strict=True)
     return net
 
 
@@ -49,7 +35,7 @@ def network_from_options(opt_path, overrides=None, weights=None, param_key='para
     if 'network_g' not in opt:
         raise KeyError(f'{opt_path}: no network_g section')
     net_opt = dict(opt['network_g'], **(overrides or {}))
-    net = build_network(net_opt)
+    net = build_network(net_opt, where=f'{opt_path}: network_g')
     if weights:
         load_checkpoint(net, weights, param_key)
     return net.eval(), net_opt

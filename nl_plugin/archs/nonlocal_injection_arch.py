@@ -19,13 +19,13 @@ import difflib
 import inspect
 import os
 import threading
-from copy import deepcopy
 
 import torch
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from nl_plugin import weights
 from nl_plugin.config_checks import check_kwargs
 
 # Wrappers whose forward is running, per thread (DataParallel runs its replicas in threads): an insertion
@@ -102,31 +102,31 @@ def nearby_names(names, name, limit=8):
 
 
 def load_base_weights(base, path, param_key='params'):
-    """Load a trained base network's checkpoint (BasicSR ``net_g_*.pth`` or a plain state dict) strictly.
+    """Load a trained base network's weight file (``.pth`` or ``.safetensors``, BasicSR layout or a bare state
+    dict) strictly, through :func:`nl_plugin.weights.read_state_dict`.
 
     Args:
         base (nn.Module): The base network.
-        path (str): Checkpoint path.
+        path (str): Weight file.
         param_key (str | None): Key of the state dict in the file (BasicSR: 'params' or 'params_ema');
             as in BasicSR's ``load_network``, 'params' is used when the key is absent.
+
+    Raises:
+        WeightsError: One line naming ``network_g:base_pretrained`` and the file.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'network_g:base_pretrained: {path!r} does not exist')
-    if next(base.parameters()).is_meta:     # option validation builds on the meta device
+    where = 'network_g:base_pretrained'
+    if next(base.parameters()).is_meta:     # option validation builds on the meta device: only check the file
+        if not os.path.isfile(path):
+            raise weights.WeightsError(f'{where}: {path}: no such weight file')
         return
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    if isinstance(state, dict) and param_key and param_key in state:
-        state = state[param_key]
-    elif isinstance(state, dict) and 'params' in state and torch.is_tensor(next(iter(state['params'].values()))):
-        state = state['params']
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    state, _ = weights.read_state_dict(path, param_key, where=where)
     if any(k.startswith('base.') for k in state) and not any(k.startswith('base.') for k in base.state_dict()):
-        raise ValueError(f"network_g:base_pretrained: {path!r} holds a NonLocalInjection network (keys 'base.*'); "
-                         'load it with path:pretrain_network_g instead')
-    missing, unexpected = base.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise KeyError(f'network_g:base_pretrained: {path!r} does not fit {type(base).__name__}: '
-                       f'missing keys {missing[:4]}, unexpected keys {unexpected[:4]}')
+        raise weights.WeightsError(f"{where}: {path!r} holds a NonLocalInjection network (keys 'base.*'); "
+                                   'load it with path:pretrain_network_g instead')
+    report = weights.mismatch_report(base, state)
+    if report:
+        raise weights.WeightsError(f'{where}: {path!r} does not fit {type(base).__name__}: {report}')
+    base.load_state_dict(state, strict=True)
 
 
 @ARCH_REGISTRY.register()
@@ -160,10 +160,7 @@ class NonLocalInjection(nn.Module):
         super().__init__()
         if not isinstance(base, dict) or 'type' not in base:
             raise KeyError(f'network_g:base must be a mapping with a "type" key, got {base!r}')
-        base_opt = deepcopy(base)
-        base_cls = ARCH_REGISTRY.get(base_opt.pop('type'))
-        check_kwargs(base_cls, base_opt, where=f'network_g:base ({base_cls.__name__})')
-        self.base = base_cls(**base_opt)
+        self.base = weights.build_network(base, where='network_g:base')
         if base_pretrained:
             load_base_weights(self.base, base_pretrained, base_param_key)
         specs = [self._check_spec(i, spec) for i, spec in enumerate(blocks or [])]
@@ -251,7 +248,7 @@ class NonLocalInjection(nn.Module):
         where = f'network_g:blocks[{i}]'
         opt = {k: v for k, v in spec.items() if k not in ('after', 'type')}
         cls = ARCH_REGISTRY.get(spec['type'])
-        check_kwargs(cls, opt, where=f'{where} ({cls.__name__})')
+        check_kwargs(cls, opt, where=f'{where} ({cls.__name__})')    # before the channel defaults are added
         params = inspect.signature(cls).parameters
         in_key = next((k for k in ('num_in_ch', 'num_feat') if k in params), None)
         if in_key is not None:
@@ -261,7 +258,7 @@ class NonLocalInjection(nn.Module):
                                  f'{channels} channels')
         if 'num_out_ch' in params:
             opt.setdefault('num_out_ch', channels)
-        block = cls(**opt)
+        block = weights.build_network(dict(opt, type=spec['type']), where=where)
         out_ch = self._block_out_channels(block, channels, shape)
         adapter = None
         if out_ch != channels:

@@ -22,7 +22,7 @@ from collections import OrderedDict
 import torch
 
 from nl_plugin.archs.n3net_arch import N3Net
-from nl_plugin.weights import save_weights
+from nl_plugin.weights import safe_torch_load, save_weights, strip_module_prefix
 
 _RULES = [
     (re.compile(r'^blocks\.(\d+)\.conv1\.(weight|bias)$'), r'stages.\1.conv_first.\2'),
@@ -50,7 +50,7 @@ def load_official_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'official N3Net checkpoint not found: {path}')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = safe_torch_load(path)
     state = ckpt.get('net', ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise KeyError(f"{path}: expected {{'net': OrderedDict of tensors, 'epoch': int}} (official N3Net layout)")
@@ -71,8 +71,7 @@ def convert_state_dict(official: dict[str, torch.Tensor]) -> OrderedDict[str, to
         KeyError: On a key that belongs to neither layout (names the key).
     """
     out = OrderedDict()
-    for key, val in official.items():
-        key = key[len('module.'):] if key.startswith('module.') else key
+    for key, val in strip_module_prefix(official).items():
         if _DEAD.match(key):
             continue
         for pattern, repl in _RULES:

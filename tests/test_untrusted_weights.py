@@ -1,0 +1,230 @@
+"""Weight files from anywhere: what their ``arch`` entry may ask for, shapes compared before memory, NaN/Inf
+refused, and ``convert_weights`` without safetensors. Each refusal is one line naming the file; ``basicsr infer``
+runs through its console script where the process itself is what is checked (code, memory)."""
+import inspect
+import os
+import resource
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from basicsr.utils.registry import ARCH_REGISTRY
+
+from conftest import basicsr_cmd
+from nl_plugin import cli, weights
+from nl_plugin.convert import formats
+
+DNCNN = {'type': 'DnCNN', 'num_feat': 8, 'depth': 3}
+
+
+def small_file(path, arch, tensors=None):
+    """A weight file of a few KB whose ``arch`` entry says anything (as a hostile file would)."""
+    tensors = tensors if tensors is not None else {'conv_first.weight': torch.zeros(4, 1, 3, 3)}
+    weights.save_weights(tensors, str(path), arch=arch)
+    return str(path)
+
+
+def infer(tmp_path, model, *extra):
+    img = tmp_path / 'in.png'
+    if not img.exists():
+        cv2.imwrite(str(img), np.full((12, 12), 128, np.uint8))
+    return cli.main(['infer', '--model', str(model), '--input', str(img), '--output', str(tmp_path / 'out'), *extra])
+
+
+class _RunsCode:
+    """Unpickling this creates a folder: what SpyNet(load_path=...) would torch.load without weights_only."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return os.makedirs, (self.target,)
+
+
+def test_a_path_in_the_arch_entry_is_never_loaded(tmp_path):
+    """SpyNet(load_path=payload) under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1: refused, through the real CLI."""
+    marker = tmp_path / 'code_ran'
+    payload = tmp_path / 'payload.pth'
+    torch.save({'params': _RunsCode(str(marker))}, payload)
+    model = small_file(tmp_path / 'spynet.pth', {'type': 'SpyNet', 'load_path': str(payload)})
+    cv2.imwrite(str(tmp_path / 'in.png'), np.zeros((8, 8), np.uint8))
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1', OMP_NUM_THREADS='1')
+    r = subprocess.run([basicsr_cmd(), 'infer', '--model', model, '--input', str(tmp_path / 'in.png'), '--output',
+                        str(tmp_path / 'out')], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and not marker.exists() and not (tmp_path / 'out').exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert f'{model}: the file asks for architecture \'SpyNet\', which a weight file may not name' in lines[0]
+    assert '--arch TYPE' in lines[0]
+
+
+@pytest.mark.parametrize('arch, message', [
+    ({'type': 'VGGFeatureExtractor', 'layer_name_list': ['conv1_1']}, "architecture 'VGGFeatureExtractor'"),
+    ({'type': 'DFDNet', 'num_feat': 8, 'dict_path': '/etc/passwd'}, "architecture 'DFDNet'"),
+    ({'type': 'DnCNN', 'init': '/etc/passwd'}, "init='/etc/passwd' looks like a path"),
+    ({'type': 'DnCNN', 'init': 'https://example.com/w'}, 'looks like a path, URL or file'),
+    ({'type': 'DnCNN', 'num_feat': '8'}, "num_feat='8' is text but the constructor expects int"),
+    ({'type': 'DnCNN', 'bn': 1}, 'bn=1 is a number but the constructor expects bool'),
+    ({'type': 'DnCNN', 'bn_eps': float('nan')}, 'bn_eps=nan is not a finite number'),
+    ({'type': 'DnCNN', 'load_from': 'x'}, "'load_from' is not an argument of DnCNN"),
+    ({'type': 'DnCNN', 'num_feat': 20000, 'depth': 100000}, r'num_feat=20000 is outside the range .*\(1\.\.1024\)'),
+    ({'type': 'NonLocalInjection', 'base': {'type': 'SpyNet'}}, "base: type 'SpyNet' may not be named"),
+    ({'type': 'NonLocalInjection', 'base': {'type': 'BasicVSR', 'spynet_path': None}}, "type 'BasicVSR' may not"),
+    ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1},
+      'base_pretrained': '/etc/passwd'}, r'base_pretrained=.* names a path, URL or file.*base_pretrained=null'),
+    ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1},
+      'blocks': [{'after': 'body.0', 'type': 'DFDNet', 'dict_path': 'x'}]}, r"blocks\[0\]: type 'DFDNet' may not"),
+    ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1, 'num_block': 99999}},
+     'num_block=99999 is outside the range'),
+])
+def test_arch_entries_outside_the_allow_list_are_refused_in_one_line(tmp_path, capsys, arch, message):
+    model = small_file(tmp_path / 'hostile.pth', arch)
+    assert infer(tmp_path, model) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and model in err[0] and '--arch TYPE' in err[0], err
+    assert __import__('re').search(message, err[0]), err[0]
+    assert not (tmp_path / 'out').exists()
+
+
+def test_the_user_names_anything_else_with_arch(tmp_path):
+    """--arch builds a type the file may not name; the file's own arguments are still checked."""
+    net = ARCH_REGISTRY.get('MSRResNet')(num_in_ch=1, num_out_ch=1, num_feat=4, num_block=1, upscale=2).eval()
+    model = small_file(tmp_path / 'srresnet.pth', {'type': 'MSRResNet', 'num_in_ch': 1, 'num_out_ch': 1,
+                                                   'num_feat': 4, 'num_block': 1, 'upscale': 2}, net.state_dict())
+    with pytest.raises(weights.WeightsError, match="architecture 'MSRResNet'"):
+        weights.load_network(model)
+    loaded, spec, _ = weights.load_network(model, arch_type='MSRResNet')
+    assert spec['num_feat'] == 4 and all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+    spy = small_file(tmp_path / 'spy.pth', {'type': 'SpyNet', 'load_path': '/etc/passwd'})
+    with pytest.raises(weights.WeightsError, match='load_path=.* names a path'):
+        weights.load_network(spy, arch_type='SpyNet')
+
+
+def test_an_injection_network_trained_from_a_base_file_rebuilds_without_it(tmp_path):
+    """base_pretrained is where training started, not part of the network: not stored, so the file loads."""
+    base = {'type': 'DnCNN', 'num_feat': 4, 'depth': 3}
+    weights.save_weights(ARCH_REGISTRY.get('DnCNN')(num_feat=4, depth=3).state_dict(), str(tmp_path / 'base.pth'))
+    opt = {'type': 'NonLocalInjection', 'base': base, 'base_pretrained': str(tmp_path / 'base.pth'),
+           'blocks': [{'after': 'conv_first', 'type': 'WindowedNonLocalBlock', 'window_size': 5, 'num_embed': 2}]}
+    net = ARCH_REGISTRY.get('NonLocalInjection')(**{k: v for k, v in opt.items() if k != 'type'})
+    arch = weights.arch_from_opt(opt)
+    assert 'base_pretrained' not in arch
+    path = small_file(tmp_path / 'injected.safetensors' if _has_safetensors() else tmp_path / 'injected.pth', arch,
+                      net.state_dict())
+    loaded, spec, _ = weights.load_network(path)
+    assert spec == arch and all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def _has_safetensors():
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_allow_lists_hold_this_projects_archs_and_no_path_taking_base():
+    for base in ({'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1, 'res_scale': 0.1, 'rgb_mean': [0.5]},
+                 {'type': 'RRDBNet', 'num_in_ch': 3, 'num_out_ch': 3, 'scale': 2, 'num_feat': 64, 'num_block': 23},
+                 {'type': 'NLRN', 'num_feat': 64, 'nl_scope': 'window', 'window_size': 15, 'img_range': 1.0}):
+        weights.check_file_arch({'type': 'NonLocalInjection', 'base': base, 'blocks': [
+            {'after': 'conv_first', 'type': 'N3Block', 'k': 7, 'temp_offset': -2.5}]}, 'f.pth')   # allowed
+    with pytest.raises(weights.WeightsError, match='depth=3.5 is a float but must be an integer'):
+        weights.check_file_arch({'type': 'DnCNN', 'depth': 3.5}, 'f.pth')
+    own = sorted(n for n, c in ARCH_REGISTRY._obj_map.items() if c.__module__.startswith('nl_plugin.'))
+    assert own == sorted(weights.FILE_ARCHS)
+    for name in weights.INJECTION_BASES + weights.INJECTION_BLOCKS:
+        params = inspect.signature(ARCH_REGISTRY.get(name)).parameters
+        assert not [p for p in params if weights._PATH_NAME.search(p)], name
+        assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), name
+
+
+def _peak_rss_kb(args):
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss, proc.returncode, err
+
+
+def test_a_file_that_does_not_fit_is_refused_before_memory(tmp_path):
+    """A small file naming DnCNN(num_feat=1024, depth=256) (about 9.6 GB of weights) with the keys of that
+    network at num_feat=1: compared on the meta device and refused with a peak RSS within 200 MB of refusing
+    a text file given as --model."""
+    keys = ARCH_REGISTRY.get('DnCNN')(num_feat=1, depth=256).state_dict()
+    model = small_file(tmp_path / 'big.pth', {'type': 'DnCNN', 'num_feat': 1024, 'depth': 256}, keys)
+    assert os.path.getsize(model) < 2**20
+    text = tmp_path / 'notes.pth'
+    text.write_text('not weights\n')
+    cv2.imwrite(str(tmp_path / 'in.png'), np.zeros((8, 8), np.uint8))
+    common = ['--input', str(tmp_path / 'in.png'), '--output', str(tmp_path / 'out')]
+    base_kb, rc, err = _peak_rss_kb([basicsr_cmd(), 'infer', '--model', str(text), *common])
+    assert rc == 2 and 'cannot be read as a PyTorch weight file' in err, err
+    big_kb, rc, err = _peak_rss_kb([basicsr_cmd(), 'infer', '--model', model, *common])
+    assert rc == 2 and 'does not fit DnCNN(num_feat=1024, depth=256): shape mismatch' in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert big_kb - base_kb < 200 * 1024, (big_kb, base_kb)
+
+
+def test_building_stops_once_the_network_outgrows_the_file(tmp_path):
+    """A depth the user asks for (not range-checked) is still built only as far as the file's tensors allow."""
+    net = ARCH_REGISTRY.get('DnCNN')(num_feat=4, depth=3)
+    model = small_file(tmp_path / 'dncnn.pth', dict(DNCNN, num_feat=4), net.state_dict())
+    with pytest.raises(weights.WeightsError, match=r'does not fit DnCNN\(num_feat=4, depth=1000000\): it has more '
+                                                   r'than \d+ modules, parameters and buffers'):
+        weights.load_network(model, arch_opt={'depth': 1_000_000})
+
+
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path, capsys):
+    net = ARCH_REGISTRY.get('DnCNN')(num_feat=8, depth=3)
+    sd = net.state_dict()
+    sd['body.0.weight'] = sd['body.0.weight'].clone()
+    sd['body.0.weight'][0, 0, 0, 0] = float('inf')
+    model = small_file(tmp_path / 'inf.pth', DNCNN, sd)
+    assert infer(tmp_path, model) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"basicsr infer: error: {model}: tensor 'body.0.weight' holds NaN or Inf values; the file is "
+                   'refused (a diverged or damaged training run?)']
+    assert not (tmp_path / 'out').exists()
+    assert formats.main([model, str(tmp_path / 'copy.pth')]) == 2
+    assert "tensor 'body.0.weight' holds NaN or Inf" in capsys.readouterr().err
+    assert not (tmp_path / 'copy.pth').exists()
+
+
+def test_convert_to_safetensors_without_the_package_names_the_extra(tmp_path, monkeypatch, capsys):
+    net = ARCH_REGISTRY.get('DnCNN')(num_feat=8, depth=3)
+    src = small_file(tmp_path / 'dncnn.pth', DNCNN, net.state_dict())
+    for name in [m for m in sys.modules if m == 'safetensors' or m.startswith('safetensors.')] + ['safetensors']:
+        monkeypatch.setitem(sys.modules, name, None)     # import safetensors now raises ImportError
+    dst = tmp_path / 'dncnn.safetensors'
+    assert formats.main([src, str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f'convert_weights: error: {dst}: writing .safetensors needs the safetensors package: '
+                   'pip install nl_plugin[safetensors]']
+    assert not dst.exists()
+
+
+def test_rss_helper_sees_the_child():
+    kb, rc, _ = _peak_rss_kb([sys.executable, '-c', 'b = bytearray(300 * 2**20); b[::4096] = b"x" * len(b[::4096])'])
+    assert rc == 0 and kb > 300 * 1024 and resource.getpagesize() > 0
+
+
+def test_every_shipped_option_file_writes_weights_that_load_by_their_arch_entry():
+    """The allow-list and ranges are not tighter than the project's own networks (options/*.yml)."""
+    import glob
+
+    import yaml
+
+    from conftest import ROOT
+    files = sorted(glob.glob(os.path.join(ROOT, 'options', '*.yml')))
+    assert files
+    for path in files:
+        with open(path) as f:
+            opt = yaml.safe_load(f)
+        for key, net_opt in opt.items():
+            if key.startswith('network_'):
+                weights.check_file_arch(weights.arch_from_opt(net_opt), f'{path}:{key}')
