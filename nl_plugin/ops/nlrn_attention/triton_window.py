@@ -77,16 +77,18 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels. Plain functions, turned into Triton kernels on first use (``_compiled``): compiled for CUDA tensors,
-# interpreted for CPU tensors, whatever ``TRITON_INTERPRET`` was when this module was imported.
+# interpreted for CPU tensors, whatever ``TRITON_INTERPRET`` was when triton was imported. So they call Triton's
+# builtins only: the library's @jit helpers (tl.zeros, tl.max, tl.sum, tl.cdiv) exist in one of the two modes, and
+# the reductions name their combine functions, which the interpreter recognises and runs as numpy reductions.
 # ----------------------------------------------------------------------------------------------------------------
 
 def _fwd_kernel(Q, K, V, L, OUT, LSE, H, W, D, C, PY, PX, KW, P,
                 BY: constexpr, BX: constexpr, BLOCK_K: constexpr, BLOCK_D: constexpr,
                 BLOCK_C: constexpr, CIRCULAR: constexpr, HAS_PREV: constexpr, STORE: constexpr,
-                COUNT: constexpr, SAVE_LSE: constexpr, PREC: constexpr, ACC: constexpr):
+                COUNT: constexpr, SAVE_LSE: constexpr, PREC: constexpr, ACC: constexpr, DT: constexpr):
     pid = tl.program_id(0)
     bb = tl.program_id(1).to(tl.int64)
-    ntx = tl.cdiv(W, BX)
+    ntx = (W + BX - 1) // BX
     y0 = (pid // ntx) * BY
     x0 = (pid % ntx) * BX
     qi = tl.arange(0, BY * BX)
@@ -96,7 +98,7 @@ def _fwd_kernel(Q, K, V, L, OUT, LSE, H, W, D, C, PY, PX, KW, P,
     qpix = bb * H * W + qy * W + qx
     od = tl.arange(0, BLOCK_D)
     oc = tl.arange(0, BLOCK_C)
-    q = tl.load(Q + qpix[:, None] * D + od[None, :], mask=q_ok[:, None] & (od < D)[None, :], other=0.)
+    q = tl.load(Q + qpix[:, None] * D + od[None, :], mask=q_ok[:, None] & (od < D)[None, :], other=0.).to(DT)
     kj = tl.arange(0, BLOCK_K)
     kxu = x0 - PX + kj                                   # key column, before wrapping
     if CIRCULAR:
@@ -117,8 +119,8 @@ def _fwd_kernel(Q, K, V, L, OUT, LSE, H, W, D, C, PY, PX, KW, P,
     win_x = (dx >= -PX) & (dx <= PX) & col_ok[None, :] & q_ok[:, None]
     lbase = L + qpix[:, None] * P + PY * KW + PX + dx    # slot of (dy = 0, dx)
     m_i = tl.full([BY * BX], float('-inf'), ACC)
-    l_i = tl.zeros([BY * BX], ACC)
-    acc = tl.zeros([BY * BX, BLOCK_C], ACC)
+    l_i = tl.full([BY * BX], 0., ACC)
+    acc = tl.full([BY * BX, BLOCK_C], 0., ACC)
     for yku in range(lo, hi):
         if CIRCULAR:
             ky = ((yku % H) + H) % H
@@ -127,8 +129,8 @@ def _fwd_kernel(Q, K, V, L, OUT, LSE, H, W, D, C, PY, PX, KW, P,
         dy = yku - qy
         valid = win_x & ((dy >= -PY) & (dy <= PY))[:, None]
         kpix = bb * H * W + ky * W + kx
-        k = tl.load(K + kpix[:, None] * D + od[None, :], mask=col_ok[:, None] & (od < D)[None, :], other=0.)
-        v = tl.load(V + kpix[:, None] * C + oc[None, :], mask=col_ok[:, None] & (oc < C)[None, :], other=0.)
+        k = tl.load(K + kpix[:, None] * D + od[None, :], mask=col_ok[:, None] & (od < D)[None, :], other=0.).to(DT)
+        v = tl.load(V + kpix[:, None] * C + oc[None, :], mask=col_ok[:, None] & (oc < C)[None, :], other=0.).to(DT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC)
         lp = lbase + dy[:, None] * KW
         if HAS_PREV:
@@ -136,15 +138,15 @@ def _fwd_kernel(Q, K, V, L, OUT, LSE, H, W, D, C, PY, PX, KW, P,
         if STORE:
             tl.store(lp, s, mask=valid)
         if COUNT:
-            acc += tl.dot(tl.where(valid, s, 0.).to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+            acc += tl.dot(tl.where(valid, s, 0.).to(V.dtype.element_ty).to(DT), v, input_precision=PREC, out_dtype=ACC)
         else:
             sm = tl.where(valid, s, float('-inf'))
-            m_new = tl.maximum(m_i, tl.max(sm, 1))
+            m_new = tl.maximum(m_i, tl.reduce(sm, 1, tl.standard._elementwise_max))
             m_safe = tl.where(m_new == float('-inf'), 0., m_new)     # no key yet: keep the sums at 0
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(sm - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+            l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+            acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(DT), v, input_precision=PREC, out_dtype=ACC)
             m_i = m_new
     if COUNT:
         out = acc / cnt[:, None]
@@ -159,12 +161,12 @@ def _fwd_kernel(Q, K, V, L, OUT, LSE, H, W, D, C, PY, PX, KW, P,
 def _bwd_q_kernel(Q, K, V, L, G, DO, LSE, DLT, DQ, H, W, D, C, PY, PX, KW, P,
                   BY: constexpr, BX: constexpr, BLOCK_K: constexpr, BLOCK_D: constexpr,
                   BLOCK_C: constexpr, CIRCULAR: constexpr, L_MODE: constexpr, HAS_G: constexpr,
-                  COUNT: constexpr, PREC: constexpr, ACC: constexpr):
+                  COUNT: constexpr, PREC: constexpr, ACC: constexpr, DT: constexpr):
     """Query-major backward: dS = dL_t (softmax term plus the carried gradient G) into G in place, dq = dS K.
     L_MODE: 0 logits are S (no buffer), 1 the buffer holds L_t, 2 it holds L_{t-1} (the step did not write)."""
     pid = tl.program_id(0)
     bb = tl.program_id(1).to(tl.int64)
-    ntx = tl.cdiv(W, BX)
+    ntx = (W + BX - 1) // BX
     y0 = (pid // ntx) * BY
     x0 = (pid % ntx) * BX
     qi = tl.arange(0, BY * BX)
@@ -174,8 +176,8 @@ def _bwd_q_kernel(Q, K, V, L, G, DO, LSE, DLT, DQ, H, W, D, C, PY, PX, KW, P,
     qpix = bb * H * W + qy * W + qx
     od = tl.arange(0, BLOCK_D)
     oc = tl.arange(0, BLOCK_C)
-    q = tl.load(Q + qpix[:, None] * D + od[None, :], mask=q_ok[:, None] & (od < D)[None, :], other=0.)
-    do = tl.load(DO + qpix[:, None] * C + oc[None, :], mask=q_ok[:, None] & (oc < C)[None, :], other=0.)
+    q = tl.load(Q + qpix[:, None] * D + od[None, :], mask=q_ok[:, None] & (od < D)[None, :], other=0.).to(DT)
+    do = tl.load(DO + qpix[:, None] * C + oc[None, :], mask=q_ok[:, None] & (oc < C)[None, :], other=0.).to(DT)
     kj = tl.arange(0, BLOCK_K)
     kxu = x0 - PX + kj
     if CIRCULAR:
@@ -193,15 +195,15 @@ def _bwd_q_kernel(Q, K, V, L, G, DO, LSE, DLT, DQ, H, W, D, C, PY, PX, KW, P,
         cols = tl.minimum(qx + PX, W - 1) - tl.maximum(qx - PX, 0) + 1
         cnt = (rows * cols).to(ACC)
     if COUNT:
-        lse = tl.zeros([BY * BX], ACC)
-        dlt = tl.zeros([BY * BX], ACC)
+        lse = tl.full([BY * BX], 0., ACC)
+        dlt = tl.full([BY * BX], 0., ACC)
     else:
         lse = tl.load(LSE + qpix, mask=q_ok, other=0.)
         dlt = tl.load(DLT + qpix, mask=q_ok, other=0.)
     dx = kxu[None, :] - qx[:, None]
     win_x = (dx >= -PX) & (dx <= PX) & col_ok[None, :] & q_ok[:, None]
     slot = qpix[:, None] * P + PY * KW + PX + dx
-    dq = tl.zeros([BY * BX, BLOCK_D], ACC)
+    dq = tl.full([BY * BX, BLOCK_D], 0., ACC)
     for yku in range(lo, hi):
         if CIRCULAR:
             ky = ((yku % H) + H) % H
@@ -210,8 +212,8 @@ def _bwd_q_kernel(Q, K, V, L, G, DO, LSE, DLT, DQ, H, W, D, C, PY, PX, KW, P,
         dy = yku - qy
         valid = win_x & ((dy >= -PY) & (dy <= PY))[:, None]
         kpix = bb * H * W + ky * W + kx
-        k = tl.load(K + kpix[:, None] * D + od[None, :], mask=col_ok[:, None] & (od < D)[None, :], other=0.)
-        v = tl.load(V + kpix[:, None] * C + oc[None, :], mask=col_ok[:, None] & (oc < C)[None, :], other=0.)
+        k = tl.load(K + kpix[:, None] * D + od[None, :], mask=col_ok[:, None] & (od < D)[None, :], other=0.).to(DT)
+        v = tl.load(V + kpix[:, None] * C + oc[None, :], mask=col_ok[:, None] & (oc < C)[None, :], other=0.).to(DT)
         sl = slot + dy[:, None] * KW
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         if COUNT:
@@ -230,20 +232,20 @@ def _bwd_q_kernel(Q, K, V, L, G, DO, LSE, DLT, DQ, H, W, D, C, PY, PX, KW, P,
             ds += tl.load(G + sl, mask=valid, other=0.)
         ds = tl.where(valid, ds, 0.)
         tl.store(G + sl, ds, mask=valid)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
+        dq += tl.dot(ds.to(K.dtype.element_ty).to(DT), k, input_precision=PREC, out_dtype=ACC)
     tl.store(DQ + qpix[:, None] * D + od[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None] & (od < D)[None, :])
 
 
 def _bwd_kv_kernel(Q, K, L, G, DO, LSE, DK, DV, H, W, D, C, PY, PX, KW, P,
                    BY: constexpr, BX: constexpr, BLOCK_K: constexpr, BLOCK_D: constexpr,
                    BLOCK_C: constexpr, CIRCULAR: constexpr, L_MODE: constexpr,
-                   RESTORE: constexpr, COUNT: constexpr, PREC: constexpr, ACC: constexpr):
+                   RESTORE: constexpr, COUNT: constexpr, PREC: constexpr, ACC: constexpr, DT: constexpr):
     """Key-major backward over the (symmetric) window: a program owns a tile of key pixels and loops over the query
     rows of its halo. dk = dS^T Q (dS from G, written by ``_bwd_q_kernel``), dv = A^T dO; with RESTORE the slots
     of its keys go back to L_{t-1} = L_t - S_t (each slot belongs to one key pixel)."""
     pid = tl.program_id(0)
     bb = tl.program_id(1).to(tl.int64)
-    ntx = tl.cdiv(W, BX)
+    ntx = (W + BX - 1) // BX
     y0 = (pid // ntx) * BY
     x0 = (pid % ntx) * BX
     ki = tl.arange(0, BY * BX)
@@ -253,7 +255,7 @@ def _bwd_kv_kernel(Q, K, L, G, DO, LSE, DK, DV, H, W, D, C, PY, PX, KW, P,
     kpix = bb * H * W + ky * W + kx
     od = tl.arange(0, BLOCK_D)
     oc = tl.arange(0, BLOCK_C)
-    k = tl.load(K + kpix[:, None] * D + od[None, :], mask=k_ok[:, None] & (od < D)[None, :], other=0.)
+    k = tl.load(K + kpix[:, None] * D + od[None, :], mask=k_ok[:, None] & (od < D)[None, :], other=0.).to(DT)
     qj = tl.arange(0, BLOCK_K)
     qxu = x0 - PX + qj                                   # query column, before wrapping
     if CIRCULAR:
@@ -269,8 +271,8 @@ def _bwd_kv_kernel(Q, K, L, G, DO, LSE, DK, DV, H, W, D, C, PY, PX, KW, P,
         cols = tl.minimum(qx + PX, W - 1) - tl.maximum(qx - PX, 0) + 1
     dx = kx[:, None] - qxu[None, :]                      # key minus query
     win_x = (dx >= -PX) & (dx <= PX) & col_ok[None, :] & k_ok[:, None]
-    dk = tl.zeros([BY * BX, BLOCK_D], ACC)
-    dv = tl.zeros([BY * BX, BLOCK_C], ACC)
+    dk = tl.full([BY * BX, BLOCK_D], 0., ACC)
+    dv = tl.full([BY * BX, BLOCK_C], 0., ACC)
     for yqu in range(lo, hi):
         if CIRCULAR:
             yq = ((yqu % H) + H) % H
@@ -281,8 +283,8 @@ def _bwd_kv_kernel(Q, K, L, G, DO, LSE, DK, DV, H, W, D, C, PY, PX, KW, P,
         dy = ky - yqu
         valid = win_x & ((dy >= -PY) & (dy <= PY))[:, None]
         qpix = bb * H * W + yq * W + qx
-        q = tl.load(Q + qpix[:, None] * D + od[None, :], mask=col_ok[:, None] & (od < D)[None, :], other=0.)
-        do = tl.load(DO + qpix[:, None] * C + oc[None, :], mask=col_ok[:, None] & (oc < C)[None, :], other=0.)
+        q = tl.load(Q + qpix[:, None] * D + od[None, :], mask=col_ok[:, None] & (od < D)[None, :], other=0.).to(DT)
+        do = tl.load(DO + qpix[:, None] * C + oc[None, :], mask=col_ok[:, None] & (oc < C)[None, :], other=0.).to(DT)
         sl = qpix[None, :] * P + (dy + PY)[:, None] * KW + PX + dx
         if L_MODE == 1:
             lg = tl.load(L + sl, mask=valid, other=0.)
@@ -298,8 +300,8 @@ def _bwd_kv_kernel(Q, K, L, G, DO, LSE, DK, DV, H, W, D, C, PY, PX, KW, P,
             lse = tl.load(LSE + qpix, mask=col_ok, other=0.)
             a = tl.exp(tl.where(valid, lg, float('-inf')) - lse[None, :])
         ds = tl.load(G + sl, mask=valid, other=0.)
-        dv += tl.dot(a.to(do.dtype), do, input_precision=PREC, out_dtype=ACC)
-        dk += tl.dot(ds.to(q.dtype), q, input_precision=PREC, out_dtype=ACC)
+        dv += tl.dot(a.to(DO.dtype.element_ty).to(DT), do, input_precision=PREC, out_dtype=ACC)
+        dk += tl.dot(ds.to(Q.dtype.element_ty).to(DT), q, input_precision=PREC, out_dtype=ACC)
         if RESTORE:
             s = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=ACC)
             tl.store(L + sl, lg - s, mask=valid)
@@ -324,6 +326,10 @@ def _compiled(fn, device: torch.device):
     return _COMPILED[key]
 
 
+_TL_DTYPES = {} if tl is None else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+                                    torch.float64: tl.float64}
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
@@ -336,9 +342,14 @@ def _meta(q, v, geo: WindowGeometry, normalization: str):
         prec = 'tf32'
     else:
         prec = 'ieee'
+    # Operand dtype of the products: the inputs' own. The interpreter multiplies bf16 as raw 16-bit integers, so
+    # there bf16 operands (already rounded to bf16) are widened to fp32: the same products, accumulated in fp32.
+    dt = _TL_DTYPES[q.dtype]
+    if dt is tl.bfloat16 and q.device.type == 'cpu':
+        dt = tl.float32
     meta = dict(BY=TILE_Y, BX=TILE_X, BLOCK_K=_pow2(TILE_X + 2 * geo.px), BLOCK_D=_pow2(d), BLOCK_C=_pow2(v.shape[-1]),
                 CIRCULAR=geo.circular, COUNT=normalization == 'count', PREC=prec,
-                ACC=tl.float64 if f64 else tl.float32)
+                ACC=tl.float64 if f64 else tl.float32, DT=dt)
     grid = (triton.cdiv(h, TILE_Y) * triton.cdiv(w, TILE_X), b)
     return grid, meta
 
