@@ -1,0 +1,186 @@
+"""The fused Triton window kernel against the dense oracle: forward, carried logits in place, gradients.
+
+On the CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set per test by the ``triton_device``
+fixture); with ``pytest -m cuda`` the same tests run compiled on the GPU. The interpreter is slow: images are tiny.
+"""
+import pytest
+import torch
+
+from nl_plugin.ops.nlrn_attention import dense_attention_reference
+from nl_plugin.ops.nlrn_attention.common import window_geometry
+
+triton_window = pytest.importorskip('nl_plugin.ops.nlrn_attention.triton_window')
+if not triton_window.available():
+    pytest.skip('triton is not importable', allow_module_level=True)
+tw = triton_window.triton_window_attention
+
+
+@pytest.fixture
+def triton_device(device, monkeypatch):
+    """The ``device`` fixture, with Triton's interpreter switched on for the CPU."""
+    if device.type == 'cpu':
+        monkeypatch.setenv('TRITON_INTERPRET', '1')
+    return device
+
+
+def _rand(*shape, device, dtype=torch.float32, grad=False):
+    return torch.randn(*shape, dtype=torch.float64).to(device, dtype).requires_grad_(grad)
+
+
+def _compact_of_dense(dense, h, w, geo):
+    """Entries of dense (B, N, N) logits in the compact layout (B, H, W, P), and which of them are in the window."""
+    dev = dense.device
+    y = torch.arange(h, device=dev).view(h, 1, 1, 1)
+    x = torch.arange(w, device=dev).view(1, w, 1, 1)
+    dy = torch.arange(-geo.py, geo.py + 1, device=dev).view(1, 1, -1, 1)
+    dx = torch.arange(-geo.px, geo.px + 1, device=dev).view(1, 1, 1, -1)
+    ky, kx = y + dy, x + dx
+    if geo.circular:
+        ky, kx, ok = ky % h, kx % w, torch.ones(h, w, geo.kh, geo.kw, dtype=torch.bool, device=dev)
+    else:
+        ok = (ky >= 0) & (ky < h) & (kx >= 0) & (kx < w)
+    key = (ky.clamp(0, h - 1) * w + kx.clamp(0, w - 1)).reshape(1, h * w, geo.p).expand(dense.shape[0], -1, -1)
+    return dense.gather(2, key).view(-1, h, w, geo.p), ok.reshape(h, w, geo.p)
+
+
+def _close(a, b, rel):
+    """Norm-wise relative error ||a - b|| / ||b|| (in fp64) at most ``rel``."""
+    a, b = a.detach().double(), b.detach().double()
+    err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    assert err <= rel, f'relative error {err:.3g} > {rel:.1g}'
+
+
+CASES = [  # h, w, window, border, normalization
+    (7, 9, 3, 'exclude', 'softmax'),
+    (9, 7, 5, 'circular', 'softmax'),
+    (5, 4, 45, 'exclude', 'softmax'),       # image smaller than the window
+    (10, 11, 5, 'exclude', 'count'),
+    (12, 10, 5, 'circular', 'count'),
+    (10, 19, 5, 'exclude', 'softmax'),      # several query tiles, partial tiles
+    (9, 9, 9, 'circular', 'softmax'),       # window == image (wrapped halo wider than the image)
+    (1, 20, 5, 'exclude', 'softmax'),       # one row
+    (6, 5, 1, 'exclude', 'softmax'),        # q = 1: each pixel attends to itself
+]
+
+
+@pytest.mark.parametrize('h,w,ws,border,norm', CASES)
+def test_steps_match_dense_and_carry_in_place(h, w, ws, border, norm, triton_device):
+    """Three propagated steps, batch 2: outputs and carried logits as the dense oracle; the carry is one buffer."""
+    dev, geo = triton_device, window_geometry(h, w, ws, border)
+    v = _rand(2, h, w, 4, device=dev)
+    logits = ref_logits = None
+    for t in range(3):
+        q, k = _rand(2, h, w, 3, device=dev), _rand(2, h, w, 3, device=dev)
+        ref, ref_logits = dense_attention_reference(q.double(), k.double(), v.double(), ws, border, norm,
+                                                    prev_logits=ref_logits)
+        out, new = tw(q, k, v, geo, norm, prev_logits=logits, return_logits=True)
+        assert out.dtype == torch.float32 and new.dtype == torch.float32 and new.shape == (2, h, w, geo.p)
+        if logits is not None:
+            assert new is logits            # updated in place
+        logits = new
+        _close(out, ref, 1e-5)
+        dense_in_compact, ok = _compact_of_dense(ref_logits, h, w, geo)
+        _close(logits[:, ok], dense_in_compact[:, ok], 1e-6)
+    # The last step reads the carry without writing it.
+    before = logits.clone()
+    out = tw(q, k, v, geo, norm, prev_logits=logits)
+    torch.testing.assert_close(logits, before, rtol=0, atol=0, equal_nan=True)    # unwritten slots: any bits
+
+
+@pytest.mark.parametrize('h,w,ws,border,norm', [
+    (6, 7, 3, 'exclude', 'softmax'),
+    (7, 6, 5, 'circular', 'softmax'),
+    (5, 4, 9, 'exclude', 'count'),
+    (6, 6, 3, 'circular', 'count'),
+])
+def test_gradients_over_three_steps_match_dense(h, w, ws, border, norm, triton_device):
+    """Backward through three steps (the first writes the carry, the second updates it, the last only reads it):
+    gradients of q, k, v of every step and of a leaf carried in at the first step, as the dense oracle's autograd."""
+    dev, geo = triton_device, window_geometry(h, w, ws, border)
+    steps = [[_rand(2, h, w, n, device=dev, grad=True) for n in (3, 3, 4)] for _ in range(3)]
+    prev0 = _rand(2, h, w, geo.p, device=dev, grad=True)
+    weight = _rand(2, h, w, 4, device=dev)
+    # The dense reference carries prev0 as dense logits: scattered to the window entries.
+    ok = _compact_of_dense(torch.zeros(1, h * w, h * w, device=dev), h, w, geo)[1]
+    loss_ref, lg = 0., None
+    for i, (q, k, v) in enumerate(steps):
+        carried = lg if i else _dense_of_compact(prev0.double(), h, w, geo)
+        o, lg = dense_attention_reference(q.double(), k.double(), v.double(), ws, border, norm, prev_logits=carried)
+        loss_ref = loss_ref + (o * weight.double()).sum()
+    flat = [t for s in steps for t in s] + [prev0]
+    g_ref = torch.autograd.grad(loss_ref, flat)
+    loss, lg = 0., prev0
+    for i, (q, k, v) in enumerate(steps):
+        last = i == len(steps) - 1
+        res = tw(q, k, v, geo, norm, prev_logits=lg, return_logits=not last)
+        o, lg = (res, lg) if last else res
+        loss = loss + (o * weight).sum()
+    assert prev0.grad is None and not torch.equal(lg, prev0)     # the leaf was copied, not updated
+    g = torch.autograd.grad(loss, flat)
+    for a, b in zip(g[:-1], g_ref[:-1]):
+        _close(a, b, 1e-5)
+    _close(g[-1][:, ok], g_ref[-1][:, ok], 1e-5)
+
+
+def _dense_of_compact(lc, h, w, geo):
+    """Compact (B, H, W, P) logits scattered to dense (B, N, N) (entries outside the window 0)."""
+    dev = lc.device
+    zeros = torch.zeros(lc.shape[0], h * w, h * w, dtype=lc.dtype, device=dev)
+    idx = torch.arange(h * w * h * w, device=dev, dtype=torch.float64).view(1, h * w, h * w)
+    pos, ok = _compact_of_dense(idx, h, w, geo)
+    flat = zeros.view(lc.shape[0], -1)
+    src = torch.where(ok, lc, torch.zeros((), dtype=lc.dtype, device=dev)).reshape(lc.shape[0], -1)
+    index = pos.long().reshape(1, -1).expand(lc.shape[0], -1)
+    return flat.scatter_add(1, index, src).view_as(zeros)     # out-of-image slots add 0
+
+
+def test_non_contiguous_inputs(triton_device):
+    dev, geo = triton_device, window_geometry(9, 10, 5, 'exclude')
+    q, k = (_rand(2, 3, 9, 10, device=dev).permute(0, 2, 3, 1) for _ in range(2))      # channels-first memory
+    v = _rand(2, 10, 9, 4, device=dev).transpose(1, 2)
+    prev = _rand(2, 9, 10, geo.p, device=dev)
+    prev_nc = prev.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (q.is_contiguous() or v.is_contiguous() or prev_nc.is_contiguous())
+    ref = tw(q.contiguous(), k.contiguous(), v.contiguous(), geo, 'softmax', prev_logits=prev.clone())
+    out, logits = tw(q, k, v, geo, 'softmax', prev_logits=prev_nc, return_logits=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    full, _ = dense_attention_reference(q64, k64, v64, 5, prev_logits=_dense_of_compact(prev.double(), 9, 10, geo))
+    _close(out, full, 1e-5)
+
+
+def test_bf16_autocast_keeps_fp32_logits(triton_device):
+    """Under autocast the kernel takes bf16 q, k, v, keeps the carried logits fp32 and matches the oracle under the
+    same autocast (same precision rule) to bf16 accuracy."""
+    from nl_plugin.ops.amp import to_compute
+    dev, geo = triton_device, window_geometry(8, 9, 5, 'exclude')
+    q, k, v = (_rand(1, 8, 9, n, device=dev) for n in (16, 16, 16))
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        qb, kb, vb = (to_compute(t) for t in (q, k, v))
+        assert qb.dtype == torch.bfloat16
+        out, logits = tw(qb, kb, vb, geo, 'softmax', return_logits=True)
+        ref, _ = dense_attention_reference(q, k, v, 5)
+    assert out.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    _close(out, ref, 1e-2)
+    full, _ = dense_attention_reference(q.double(), k.double(), v.double(), 5)
+    _close(out, full, 3e-2)
+
+
+def test_a_second_backward_is_refused(triton_device):
+    """The backward rewinds the carried logits in place: a second pass over the same graph would read the wrong
+    logits, so it raises instead."""
+    dev, geo = triton_device, window_geometry(6, 7, 3, 'exclude')
+    q, k, v = (_rand(1, 6, 7, n, device=dev, grad=True) for n in (3, 3, 4))
+    o1, lg = tw(q, k, v, geo, 'softmax', return_logits=True)
+    o2, lg = tw(q * 2, k, v, geo, 'softmax', prev_logits=lg, return_logits=True)
+    loss = (o1.sum() + o2.sum()) * 1.5
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='second backward'):
+        loss.backward()
+
+
+def test_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    q = torch.randn(1, 5, 5, 3)
+    with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1'):
+        tw(q, q, q, window_geometry(5, 5, 3, 'exclude'), 'softmax')
