@@ -184,3 +184,106 @@ def test_cpu_without_the_interpreter_is_refused(monkeypatch):
     q = torch.randn(1, 5, 5, 3)
     with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1'):
         tw(q, q, q, window_geometry(5, 5, 3, 'exclude'), 'softmax')
+
+
+# ---- attention_kernel and the router -------------------------------------------------------------------------
+
+_CUDA = torch.device('cuda')
+
+
+def test_attention_kernel_values_are_checked():
+    from nl_plugin.archs.nlrn_arch import NLRN
+    from nl_plugin.archs.windowed_nonlocal_arch import WindowedNonLocalBlock
+    with pytest.raises(ValueError, match=r"one of \('auto', 'triton', 'flex', 'halo', 'dense'\), got 'trition' "
+                                         r"\(did you mean 'triton'\?\)"):
+        NLRN(num_feat=8, num_embed=4, num_steps=2, nl_scope='window', window_size=5, attention_kernel='trition')
+    with pytest.raises(ValueError, match="'flex' is a window-scope kernel"):
+        WindowedNonLocalBlock(8, 4, nl_scope='global', attention_kernel='flex')
+    assert WindowedNonLocalBlock(8, 4, nl_scope='global', attention_kernel='dense').attention_kernel == 'dense'
+
+
+def test_auto_takes_the_triton_step_on_cuda(monkeypatch, caplog):
+    """On CUDA 'auto' runs the window scope on the Triton step (training and inference, both normalisations)
+    while its carried logits fit (twice over in training); small training images keep their dense kernels,
+    a carry of embeddings or too little memory goes to FlexAttention; the CPU's routes do not change."""
+    import logging
+
+    from nl_plugin.ops.nlrn_attention import Kernel, Layout, flex, router
+    free = {'bytes': 64 * 2**30}
+    monkeypatch.setattr(router, '_available_memory_bytes', lambda device: free['bytes'])
+    monkeypatch.setattr(router, '_triton_applies', lambda device: device.type == 'cuda')
+    monkeypatch.setattr(flex, 'available', lambda: True)
+    args = dict(window_size=45, border='exclude', normalization='softmax', element_size=4, device=_CUDA,
+                carried=None, propagate=True)
+    cases = [
+        (dict(grad=False, shape=(1, 768, 1024)), (Kernel.TRITON, Layout.IMAGE)),
+        (dict(grad=True, shape=(16, 96, 96)), (Kernel.TRITON, Layout.IMAGE)),
+        (dict(grad=False, shape=(1, 321, 481), normalization='count'), (Kernel.TRITON, Layout.IMAGE)),
+        (dict(grad=False, shape=(1, 321, 481), carried=Layout.IMAGE), (Kernel.TRITON, Layout.IMAGE)),
+        (dict(grad=False, shape=(1, 321, 481), carried=Layout.IMAGE, propagate=False), (Kernel.TRITON, None)),
+        (dict(grad=True, shape=(16, 43, 43)), (Kernel.DENSE_LOGITS, Layout.DENSE)),
+        (dict(grad=True, shape=(32, 43, 43)), (Kernel.MASKED_SDPA, Layout.EMBEDDINGS)),
+        (dict(grad=False, shape=(1, 321, 481), carried=Layout.EMBEDDINGS), (Kernel.FLEX, Layout.TOKENS)),
+        (dict(grad=False, shape=(1, 321, 481), device=torch.device('cpu')), (Kernel.STRIPS, Layout.BLOCKS)),
+    ]
+    with caplog.at_level(logging.DEBUG, logger='nl_plugin'):
+        for kw, expected in cases:
+            assert tuple(router.route_step(**dict(args, **kw))) == expected, kw
+    assert 'step -> triton, carry image (attention_kernel auto' in caplog.text
+    net = dict(grad=False, training=False, window_size=45, border='exclude', height=768, width=1024)
+    assert router.route_network(**net, device=_CUDA) is None                    # 5.9 GiB of logits: whole image
+    assert router.route_network(**net, device=_CUDA, logit_memory=5 * 2**30) is Kernel.BANDS
+    assert router.route_network(**dict(net, height=2160, width=3840), device=_CUDA) is Kernel.BANDS    # 67 GB
+    assert router.band_kernel('auto', _CUDA) is Kernel.TRITON and router.band_kernel('auto', torch.device('cpu')) \
+        is Kernel.STRIPS
+    free['bytes'] = 2 * 2**30       # 16 x 96 x 96 training: 2 x 1.2 GB of logits do not fit in 40% of 2 GB
+    assert tuple(router.route_step(**dict(args, grad=True, shape=(16, 96, 96)))) == (Kernel.FLEX, Layout.TOKENS)
+    assert router.route_network(**net, device=torch.device('cpu')) is Kernel.BANDS
+
+
+def test_forced_kernels(monkeypatch):
+    from nl_plugin.ops.nlrn_attention import Kernel, Layout, router
+    monkeypatch.setattr(router, '_available_memory_bytes', lambda device: 64 * 2**30)
+    args = dict(window_size=7, border='exclude', normalization='softmax', grad=False, shape=(1, 40, 50),
+                element_size=4, device=torch.device('cpu'), carried=None, propagate=True)
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    with pytest.raises(ValueError, match='only under Triton.s interpreter: set TRITON_INTERPRET=1'):
+        router.route_step(**args, attention_kernel='triton')
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    assert tuple(router.route_step(**args, attention_kernel='triton')) == (Kernel.TRITON, Layout.IMAGE)
+    assert tuple(router.route_step(**args, attention_kernel='dense')) == (Kernel.DENSE_LOGITS, Layout.DENSE)
+    assert tuple(router.route_step(**args, attention_kernel='halo')) == (Kernel.STRIPS, Layout.BLOCKS)
+    assert tuple(router.route_step(**dict(args, grad=True), attention_kernel='halo')) == (Kernel.HALO, Layout.IMAGE)
+    with pytest.raises(ValueError, match="'flex' needs .* softmax"):
+        router.route_step(**dict(args, normalization='count'), attention_kernel='flex')
+    with pytest.raises(ValueError, match="'triton' carries image-layout logits, got a tokens state"):
+        router.route_step(**dict(args, carried=Layout.TOKENS), attention_kernel='triton')
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_nlrn_on_the_triton_step_matches_the_default_route(training, triton_device):
+    """A small window-scope NLRN with attention_kernel='triton' == the same network on its default kernels:
+    output and, in training, every parameter's gradient (the Triton backward through the rewound carry)."""
+    from nl_plugin.archs.nlrn_arch import NLRN
+    dev = triton_device
+    torch.manual_seed(0)
+    nets = [NLRN(num_feat=8, num_embed=4, num_steps=3, nl_scope='window', window_size=5,
+                 attention_kernel=kernel).to(dev) for kernel in ('auto', 'triton')]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for blk in (*nets[0].nonlocal_blocks, *nets[1].nonlocal_blocks):
+        torch.manual_seed(1)
+        torch.nn.init.normal_(blk.g.weight, std=0.3)
+    x = torch.rand(2, 1, 11, 13, device=dev)
+    outs, grads = [], []
+    for net in nets:
+        net.train(training)
+        with torch.set_grad_enabled(training):
+            out = net(x)
+        outs.append(out)
+        if training:
+            out.square().mean().backward()
+            # one vector: the biases of the convs before a BatchNorm have gradients of rounding size only
+            grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    _close(outs[1], outs[0], 1e-5)
+    if training:
+        _close(grads[1], grads[0], 1e-5)
