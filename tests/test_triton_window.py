@@ -287,3 +287,48 @@ def test_nlrn_on_the_triton_step_matches_the_default_route(training, triton_devi
     _close(outs[1], outs[0], 1e-5)
     if training:
         _close(grads[1], grads[0], 1e-5)
+
+
+@pytest.mark.parametrize('norm', ['softmax', 'count'])
+def test_bands_of_rows_match_the_whole_image(norm, triton_device):
+    """``triton_window_rows`` on a band with its keys' reach == those rows of the whole-image step, carry included."""
+    dev, h, w, ws = triton_device, 19, 9, 7
+    geo = window_geometry(h, w, ws, 'exclude')
+    qs, ks = [_rand(2, h, w, 3, device=dev) for _ in range(2)], [_rand(2, h, w, 3, device=dev) for _ in range(2)]
+    v = _rand(2, h, w, 4, device=dev)
+    full1, lg = tw(qs[0], ks[0], v, geo, norm, return_logits=True)
+    full2 = tw(qs[1], ks[1], v, geo, norm, prev_logits=lg)
+    for a, e in ((0, 5), (5, 13), (13, 19)):
+        lo, hi = max(a - geo.py, 0), min(e + geo.py, h)
+        o1, blg = triton_window.triton_window_rows(qs[0][:, a:e], ks[0][:, lo:hi], v[:, lo:hi], a - lo, geo, norm,
+                                                   return_logits=True)
+        o2 = triton_window.triton_window_rows(qs[1][:, a:e], ks[1][:, lo:hi], v[:, lo:hi], a - lo, geo, norm,
+                                              prev_logits=blg)
+        torch.testing.assert_close(o1, full1[:, a:e], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(o2, full2[:, a:e], rtol=1e-6, atol=1e-6)
+
+
+def test_nlrn_streams_bands_through_the_triton_step(triton_device, monkeypatch):
+    """Window-scope inference whose logits exceed ``logit_memory_gb`` streams bands of rows with the Triton step
+    inside: the same output as every step on the whole image."""
+    from nl_plugin.archs import nlrn_stream
+    from nl_plugin.archs.nlrn_arch import NLRN
+    from nl_plugin.ops.nlrn_attention import router
+    dev = triton_device
+    monkeypatch.setattr(nlrn_stream, '_TRITON_BAND', 16)        # three bands on 40 rows
+    net = NLRN(num_feat=8, num_embed=4, num_steps=3, nl_scope='window', window_size=5, attention_kernel='triton',
+               logit_memory_gb=1e-6).to(dev).eval()
+    for blk in net.nonlocal_blocks:
+        torch.nn.init.normal_(blk.g.weight, std=0.3)
+    x = torch.rand(1, 1, 40, 13, device=dev)
+    assert router.route_network(grad=False, training=False, window_size=5, border='exclude', height=40, width=13,
+                                device=dev, attention_kernel='triton', logit_memory=1000) is router.Kernel.BANDS
+    calls = []
+    monkeypatch.setattr(nlrn_stream, 'triton_window_rows',
+                        lambda *a, **kw: calls.append(a[3]) or triton_window.triton_window_rows(*a, **kw))
+    with torch.no_grad():
+        streamed = net(x)
+        assert len(calls) == 3 * 3           # three bands at each of the three steps
+        net.stream_inference = False
+        whole = net(x)
+    _close(streamed, whole, 1e-5)      # the banded convs round differently

@@ -82,20 +82,23 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 # the reductions name their combine functions, which the interpreter recognises and runs as numpy reductions.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _fwd_kernel(Q, K, V, L, OUT, LSE, H, W, D, C, PY, PX, KW, P,
+def _fwd_kernel(Q, K, V, L, OUT, LSE, H, W, D, C, PY, PX, KW, P, QROW0, HQ,
                 BY: constexpr, BX: constexpr, BLOCK_K: constexpr, BLOCK_D: constexpr,
                 BLOCK_C: constexpr, CIRCULAR: constexpr, HAS_PREV: constexpr, STORE: constexpr,
                 COUNT: constexpr, SAVE_LSE: constexpr, PREC: constexpr, ACC: constexpr, DT: constexpr):
+    """Forward of the HQ query rows that are rows QROW0.. of the H x W key image (a band; the whole image:
+    QROW0 = 0, HQ = H). Q, OUT, LSE and L are indexed by query rows, K and V by key-image rows."""
     pid = tl.program_id(0)
     bb = tl.program_id(1).to(tl.int64)
     ntx = (W + BX - 1) // BX
     y0 = (pid // ntx) * BY
     x0 = (pid % ntx) * BX
     qi = tl.arange(0, BY * BX)
-    qy = y0 + qi // BX
+    qyl = y0 + qi // BX                                  # query row of the band
+    qy = QROW0 + qyl                                     # its row in the key image
     qx = x0 + qi % BX
-    q_ok = (qy < H) & (qx < W)
-    qpix = bb * H * W + qy * W + qx
+    q_ok = (qyl < HQ) & (qx < W)
+    qpix = bb * HQ * W + qyl * W + qx
     od = tl.arange(0, BLOCK_D)
     oc = tl.arange(0, BLOCK_C)
     q = tl.load(Q + qpix[:, None] * D + od[None, :], mask=q_ok[:, None] & (od < D)[None, :], other=0.).to(DT)
@@ -110,8 +113,8 @@ def _fwd_kernel(Q, K, V, L, OUT, LSE, H, W, D, C, PY, PX, KW, P,
     else:
         col_ok = (kxu >= 0) & (kxu < W)
         kx = tl.where(col_ok, kxu, 0)
-        lo = tl.maximum(y0 - PY, 0)
-        hi = tl.minimum(y0 + BY + PY, H)
+        lo = tl.maximum(QROW0 + y0 - PY, 0)
+        hi = tl.minimum(QROW0 + y0 + BY + PY, H)
         rows = tl.minimum(qy + PY, H - 1) - tl.maximum(qy - PY, 0) + 1
         cols = tl.minimum(qx + PX, W - 1) - tl.maximum(qx - PX, 0) + 1
         cnt = (rows * cols).to(ACC)
@@ -359,15 +362,18 @@ def _sizes(q, v, geo):
     return h, w, d, v.shape[-1], geo.py, geo.px, geo.kw, geo.p
 
 
-def _forward(q, k, v, logits, geo, normalization, has_prev, store, save_lse):
-    """Launch the forward kernel; ``logits`` (B, H, W, P) is read when ``has_prev`` and written when ``store``."""
+def _forward(q, k, v, logits, geo, normalization, has_prev, store, save_lse, row0=0):
+    """Launch the forward kernel; ``logits`` (B, Hq, W, P) is read when ``has_prev`` and written when ``store``.
+    ``q`` holds the query rows ``row0 .. row0 + Hq`` of the key image ``k``/``v`` (all of it by default)."""
     grid, meta = _meta(q, v, geo, normalization)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=acc, device=q.device) if save_lse else out
     lg = logits if logits is not None else out      # a placeholder pointer when unused
-    _compiled(_fwd_kernel, q.device)[grid](q, k, v, lg, out, lse, *_sizes(q, v, geo), HAS_PREV=has_prev,
-                                           STORE=store, SAVE_LSE=save_lse, num_warps=NUM_WARPS, **meta)
+    _, hk, w, d = k.shape
+    _compiled(_fwd_kernel, q.device)[grid](q, k, v, lg, out, lse, hk, w, d, v.shape[-1], geo.py, geo.px, geo.kw,
+                                           geo.p, row0, q.shape[1], HAS_PREV=has_prev, STORE=store,
+                                           SAVE_LSE=save_lse, num_warps=NUM_WARPS, **meta)
     return out, (lse if save_lse else None)
 
 
@@ -500,4 +506,44 @@ def triton_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     return (out, logits) if return_logits else out
 
 
-__all__ = ['available', 'interpreting', 'unavailable_reason', 'triton_window_attention', 'TILE_Y', 'TILE_X']
+@torch.no_grad()
+def triton_window_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row0: int, geo: WindowGeometry,
+                       normalization: str, prev_logits: Optional[torch.Tensor] = None, return_logits: bool = False):
+    """Window attention (border 'exclude') of a band of query rows on the fused kernel; inference only.
+
+    The queries are the rows ``row0 .. row0 + n`` of the key image ``k``/``v``, which holds every in-image row their
+    windows reach (rows beyond it count as outside the image): the same result as those rows of the whole image's
+    step (``window_attention_rows`` with the halo kernels; here the logits keep the image layout).
+
+    Args:
+        q (Tensor): (B, n, W, D) query embeddings. k (Tensor): (B, Hk, W, D). v (Tensor): (B, Hk, W, C).
+        row0 (int): Row of ``k`` holding the first query row.
+        geo (WindowGeometry): Window reach on the whole image (its P fixes the logits' last dimension).
+        normalization (str): 'softmax' or 'count'.
+        prev_logits (Tensor, optional): (B, n, W, P) carried logits of these rows, updated in place when
+            ``return_logits``.
+        return_logits (bool): Also return the accumulated logits.
+
+    Returns:
+        Tensor | tuple[Tensor, Tensor]: out (B, n, W, C) [, logits (B, n, W, P)].
+    """
+    reason = unavailable_reason(q.device)
+    if reason:
+        raise RuntimeError(reason)
+    if geo.circular:
+        raise ValueError("bands of rows need border 'exclude'")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    acc = _acc(q)
+    if prev_logits is not None:
+        prev_logits = prev_logits.to(acc).contiguous()
+    logits = None
+    if return_logits:
+        logits = prev_logits if prev_logits is not None else \
+            torch.empty(*q.shape[:3], geo.p, dtype=acc, device=q.device)
+    out, _ = _forward(q, k, v, logits if return_logits else prev_logits, geo, normalization, prev_logits is not None,
+                      return_logits, False, row0=row0)
+    return (out, logits) if return_logits else out
+
+
+__all__ = ['available', 'interpreting', 'unavailable_reason', 'triton_window_attention', 'triton_window_rows',
+           'TILE_Y', 'TILE_X']
