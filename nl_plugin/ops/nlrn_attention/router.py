@@ -281,14 +281,14 @@ def route_network(*, grad: bool, training: bool, window_size: Optional[int], bor
         logit_memory (int, optional): Ceiling in bytes of the whole image's carried logits before the Triton
             path streams (default ``LOGIT_MEMORY_SHARE`` of the free device memory).
     """
-    bands = (allow_bands and not grad and not training and window_size is not None and border == 'exclude'
+    bands = (allow_bands and not grad and not training and window_size is not None
              and attention_kernel in ('auto', 'halo', 'triton'))
     if bands:
-        if band_kernel(attention_kernel, device) is Kernel.TRITON:
+        if band_kernel(attention_kernel, device) is Kernel.TRITON:     # its bands take border 'exclude'
             need = batch * height * width * window_geometry(height, width, window_size, border).p * 4
-            bands = not _logits_fit(need, device, logit_memory)
+            bands = border == 'exclude' and not _logits_fit(need, device, logit_memory)
         else:
-            bands = max(height, width) >= STREAM_WINDOWS * window_size and \
+            bands = border == 'exclude' and max(height, width) >= STREAM_WINDOWS * window_size and \
                 (attention_kernel == 'halo' or not _flex_applies(device, 'softmax'))
     kernel = Kernel.BANDS if bands else None
     if not torch.compiler.is_compiling():

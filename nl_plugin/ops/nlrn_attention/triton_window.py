@@ -454,6 +454,9 @@ def _acc(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+# A compiled network runs the step eagerly (a graph break): the launches, the in-place carry and its autograd
+# bookkeeping stay outside the traced graph.
+@torch.compiler.disable
 def triton_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: WindowGeometry,
                             normalization: str, prev_logits: Optional[torch.Tensor] = None,
                             return_logits: bool = False):
@@ -506,6 +509,7 @@ def triton_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     return (out, logits) if return_logits else out
 
 
+@torch.compiler.disable
 @torch.no_grad()
 def triton_window_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row0: int, geo: WindowGeometry,
                        normalization: str, prev_logits: Optional[torch.Tensor] = None, return_logits: bool = False):
