@@ -136,13 +136,13 @@ def test_bad_option_fails_before_touching_previous_run(workdir):
 
 
 def test_torchrun_two_cpu_processes(workdir):
-    opt = write_opt(workdir, 'ddp', total_iter=4)
+    opt = write_opt(workdir, 'ddp', total_iter=4, dist_backend='gloo')
     cmd = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node=2',
            f'--master_port={_free_port()}', basicsr_cmd(), 'train', '-opt', str(opt), '--launcher', 'pytorch']
     r = run(cmd, workdir)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     exp = workdir / 'experiments' / 'ddp'
     log = read_log(exp)
-    assert 'World size (gpu number): 2' in log
+    assert 'World size (gpu number): 2' in log and 'Final weights of all 2 ranks are equal' in log
     assert log.count('Validation tinyval') >= 2  # at iter 2 and 4 (and the final one)
     assert (exp / 'models' / 'net_g_latest.pth').is_file()
