@@ -166,6 +166,29 @@ def test_bf16_autocast_keeps_fp32_logits(triton_device):
     _close(out, full, 3e-2)
 
 
+def test_bf16_autocast_gradients(triton_device):
+    """Two steps under bf16 autocast, backward: the gradients as the oracle's under the same autocast."""
+    from nl_plugin.ops.amp import to_compute
+    dev, geo = triton_device, window_geometry(7, 8, 5, 'circular')
+    steps = [[_rand(1, 7, 8, 16, device=dev, grad=True) for _ in range(3)] for _ in range(2)]
+    grads = []
+    for kernel in ('triton', 'reference'):
+        loss, lg = 0., None
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            for i, (q, k, v) in enumerate(steps):
+                if kernel == 'triton':
+                    qb, kb, vb = (to_compute(t) for t in (q, k, v))
+                    res = tw(qb, kb, vb, geo, 'softmax', prev_logits=lg, return_logits=i == 0)
+                    o, lg = res if i == 0 else (res, lg)
+                else:
+                    o, lg = dense_attention_reference(q, k, v, 5, 'circular', prev_logits=lg)
+                loss = loss + o.float().square().sum()
+        grads.append(torch.autograd.grad(loss, [t for s in steps for t in s]))
+    for a, b in zip(*grads):
+        assert a.dtype == torch.float32
+        _close(a, b, 3e-2)
+
+
 def test_a_second_backward_is_refused(triton_device):
     """The backward rewinds the carried logits in place: a second pass over the same graph would read the wrong
     logits, so it raises instead."""
@@ -230,6 +253,9 @@ def test_auto_takes_the_triton_step_on_cuda(monkeypatch, caplog):
         for kw, expected in cases:
             assert tuple(router.route_step(**dict(args, **kw))) == expected, kw
     assert 'step -> triton, carry image (attention_kernel auto' in caplog.text
+    window = dict(grad=True, normalization='softmax', pixels=96 * 96, prev_logits=True, return_logits=True)
+    assert router.route_window(**window, device=_CUDA) is Kernel.TRITON
+    assert router.route_window(**window, device=torch.device('cpu')) is Kernel.HALO
     net = dict(grad=False, training=False, window_size=45, border='exclude', height=768, width=1024)
     assert router.route_network(**net, device=_CUDA) is None                    # 5.9 GiB of logits: whole image
     assert router.route_network(**net, device=_CUDA, logit_memory=5 * 2**30) is Kernel.BANDS
