@@ -440,7 +440,6 @@ class _WindowStep(torch.autograd.Function):
                                                   RESTORE=ctx.restore, num_warps=NUM_WARPS, **meta)
         if ctx.restore:
             ctx.carry.steps -= 1
-        ctx.buf = None
         return dq, dk, dv, (g if ctx.needs_input_grad[3] else None), None, None, None, None
 
 
