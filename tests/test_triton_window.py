@@ -202,6 +202,34 @@ def test_a_second_backward_is_refused(triton_device):
         loss.backward()
 
 
+def test_a_kernel_that_does_not_compile_falls_back_to_the_halo_kernels(triton_device, monkeypatch, caplog):
+    """A GPU whose Triton cannot build the kernel for some widths (e.g. out of shared memory): one warning, then
+    the halo kernels run those steps, same layout and result."""
+    import logging
+
+    from triton.runtime.errors import OutOfResources
+
+    from nl_plugin.ops.nlrn_attention import propagated_attention
+    calls = []
+
+    def broken(fn, device):
+        calls.append(fn.__name__)
+        raise OutOfResources(300000, 232448, 'shared memory')
+    monkeypatch.setattr(triton_window, '_compiled', broken)
+    monkeypatch.setattr(triton_window, '_FAILED', set())
+    monkeypatch.setattr(triton_window, 'FALLBACK_DEVICES', (triton_device.type, ))
+    v = _rand(1, 9, 10, 4, device=triton_device)
+    state = ref_logits = None
+    with caplog.at_level(logging.WARNING, logger='nl_plugin'):
+        for _ in range(3):
+            q, k = _rand(1, 9, 10, 3, device=triton_device), _rand(1, 9, 10, 3, device=triton_device)
+            out, state = propagated_attention(q, k, v, state, 5, attention_kernel='triton')
+            ref, ref_logits = dense_attention_reference(q, k, v, 5, prev_logits=ref_logits)
+            _close(out, ref, 1e-5)
+    assert calls == ['_fwd_kernel'] and caplog.text.count('halo kernels run instead') == 1
+    assert 'shared memory' in caplog.text
+
+
 def test_cpu_without_the_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     q = torch.randn(1, 5, 5, 3)

@@ -22,6 +22,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..amp import accum_dtype, to_compute
+from . import triton_window
 from .common import check_qkv, check_window_args, requires_grad, window_geometry
 from .dense import dense_logits_step, linear_attention, masked_window_sdpa, sdpa_attention
 from .flex import flex_step, flex_window_attention
@@ -29,7 +30,6 @@ from .halo import halo_attention
 from .halo_inference import strips_attention
 from .router import Kernel, route_step, route_window
 from .state import CorrelationState, Layout
-from .triton_window import triton_window_attention
 
 
 def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -75,7 +75,14 @@ def _run_window(kernel, q, k, v, window_size, border, normalization, prev_logits
         raise ValueError(f'prev_logits must have shape {(*q.shape[:3], geo.p)} (compact window layout), '
                          f'got {tuple(prev_logits.shape)}')
     if kernel is Kernel.TRITON:
-        return triton_window_attention(q, k, v, geo, normalization, prev_logits, return_logits)
+        if not triton_window.compile_failed(q, v, geo):
+            try:
+                return triton_window.triton_window_attention(q, k, v, geo, normalization, prev_logits, return_logits)
+            except Exception as err:      # noqa: BLE001  (Triton's errors are told apart below)
+                if not triton_window.note_failure(err, q, v, geo):
+                    raise
+        # a GPU that cannot compile the kernel for these widths: the halo kernels, same layout and result
+        kernel = Kernel.HALO if requires_grad(q, k, v, prev_logits) else Kernel.STRIPS
     if kernel is Kernel.HALO:
         return halo_attention(q, k, v, geo, normalization, prev_logits, return_logits)
     return strips_attention(q, k, v, geo, normalization, prev_logits, return_logits,

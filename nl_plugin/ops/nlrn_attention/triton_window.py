@@ -31,6 +31,7 @@ in fp32 and the logits, their running sum, the softmax statistics and the count 
 enter the value product in v's dtype. fp32 inputs use TF32 products only where
 ``torch.backends.cuda.matmul.allow_tf32`` allows it, exact fp32 ('ieee') otherwise.
 """
+import logging
 import os
 from typing import Optional
 
@@ -46,9 +47,15 @@ except ImportError:      # the router never picks this kernel then
 # Annotation of the kernels' compile-time arguments (an object, not a string: the interpreter needs it evaluated).
 constexpr = tl.constexpr if tl is not None else 'constexpr'
 
+logger = logging.getLogger('nl_plugin')
+
 #: query tile of a forward program (rows, columns): 128 query rows of ``tl.dot``
 TILE_Y, TILE_X = 8, 16
 NUM_WARPS = 8
+#: (device type, dtype, widths, window) whose kernels failed to compile: the halo kernels run them instead
+_FAILED = set()
+#: devices where a Triton error falls back to the halo kernels (not the interpreter: there it is a bug to see)
+FALLBACK_DEVICES = ('cuda', )
 
 
 def available() -> bool:
@@ -453,6 +460,28 @@ def _acc(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _failure_key(q, v, geo):
+    return q.device.type, q.dtype, q.shape[-1], v.shape[-1], geo.px, geo.circular
+
+
+def compile_failed(q: torch.Tensor, v: torch.Tensor, geo: WindowGeometry) -> bool:
+    """Whether the kernel failed to compile for these widths and dtype before (``note_failure``)."""
+    return _failure_key(q, v, geo) in _FAILED
+
+
+def note_failure(err: Exception, q: torch.Tensor, v: torch.Tensor, geo: WindowGeometry) -> bool:
+    """If ``err`` is Triton's (a compilation error, resources a GPU lacks), remember it for these widths and dtype,
+    warn once and return True (the caller runs the halo kernels instead); else False (the caller re-raises)."""
+    if triton is None or not isinstance(err, triton.TritonError) or q.device.type not in FALLBACK_DEVICES:
+        return False
+    key = _failure_key(q, v, geo)
+    if key not in _FAILED:
+        _FAILED.add(key)
+        logger.warning('nlrn attention: the Triton window step failed for %s; the halo kernels run instead. %s: %s',
+                       key, type(err).__name__, str(err).splitlines()[0] if str(err) else '')
+    return True
+
+
 # A compiled network runs the step eagerly (a graph break): the launches, the in-place carry and its autograd
 # bookkeeping stay outside the traced graph.
 @torch.compiler.disable
@@ -549,4 +578,4 @@ def triton_window_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row0: 
 
 
 __all__ = ['available', 'interpreting', 'unavailable_reason', 'triton_window_attention', 'triton_window_rows',
-           'TILE_Y', 'TILE_X']
+           'compile_failed', 'note_failure', 'TILE_Y', 'TILE_X']
