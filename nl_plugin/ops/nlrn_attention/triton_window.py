@@ -397,6 +397,10 @@ class _WindowStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prev, geo, normalization, store, carry):
+        ctx.mode = 1 if store else (2 if prev is not None else 0)
+        ctx.restore = store and prev is not None
+        if q.is_cuda:       # before the forward changes the carry in place
+            _warm_backward(q, k, v, geo, normalization, ctx.mode, ctx.restore)
         if store:
             logits = prev if prev is not None else \
                 torch.empty(*q.shape[:3], geo.p, dtype=_acc(q), device=q.device)
@@ -411,8 +415,6 @@ class _WindowStep(torch.autograd.Function):
         # and its backward gives it back as it was here.
         ctx.buf = None if buf is None else buf.detach()
         ctx.geo, ctx.normalization, ctx.carry, ctx.level = geo, normalization, carry, carry.steps
-        ctx.mode = 1 if store else (2 if prev is not None else 0)
-        ctx.restore = store and prev is not None
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.set_materialize_grads(False)
         if store and prev is not None:
@@ -448,6 +450,28 @@ class _WindowStep(torch.autograd.Function):
         if ctx.restore:
             ctx.carry.steps -= 1
         return dq, dk, dv, (g if ctx.needs_input_grad[3] else None), None, None, None, None
+
+
+def _warm_backward(q, k, v, geo, normalization, mode, restore):
+    """Compile the backward kernels of this step now (cached after the first step), so that a GPU that cannot
+    build them fails in the forward, before it touches the carry, where the caller can still run the halo kernels
+    instead. Any other failure of this early compilation is left to the backward itself."""
+    grid, meta = _meta(q, v, geo, normalization)
+    acc = _acc(q)
+    sizes = _sizes(q, v, geo)
+    try:
+        for has_g in (False, True):
+            _compiled(_bwd_q_kernel, q.device).warmup(q.dtype, k.dtype, v.dtype, acc, acc, v.dtype, acc, acc, q.dtype,
+                                                      *sizes, L_MODE=mode, HAS_G=has_g, num_warps=NUM_WARPS,
+                                                      grid=grid, **meta)
+        _compiled(_bwd_kv_kernel, q.device).warmup(q.dtype, k.dtype, acc, acc, v.dtype, acc, k.dtype, v.dtype,
+                                                   *sizes, L_MODE=mode, RESTORE=restore, num_warps=NUM_WARPS,
+                                                   grid=grid, **meta)
+    except Exception as err:      # noqa: BLE001
+        if isinstance(err, triton.TritonError):
+            raise
+        logger.debug('nlrn attention: the Triton backward kernels did not compile ahead (%s: %s)',
+                     type(err).__name__, err)
 
 
 def _own_buffer(t, dtype):
