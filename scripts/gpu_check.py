@@ -18,7 +18,9 @@ Steps (each one a subprocess; a failed step is reported and the next one still r
    validation split and gathered across ranks, checkpoints from rank 0, and at the end the check that both
    ranks' weights are equal (its log line is required);
 5. ``basicsr test`` of the trained NLRN (``options/gpu_check_nlrn_test.yml``);
-6. ``basicsr train`` of N3Net (``options/gpu_check_n3net.yml``, one process, NCCL), last: the first step the
+6. ``scripts/triton_window_sweep.py``: the Triton window step alone (12 steps at 1024x768, bf16) in several
+   launch configurations, with the fraction of the memory-traffic floor each reaches;
+7. ``basicsr train`` of N3Net (``options/gpu_check_n3net.yml``, one process, NCCL), last: the first step the
    budget drops.
 
 Every step has a time cap and all of them together at most ``BUDGET_S`` (470 s, under 8 minutes): a step
@@ -67,8 +69,8 @@ BUDGET_S = 470
 # Caps from the H200 run (benchmarks/gpu_results.txt): data 15 s, benchmark 189 s, CUDA tests 31-50 s, the
 # NLRN training 119 s with its compile. The Triton cases and tests add their kernels' compilation (Triton caches
 # it on disk across processes); the two-rank training runs fewer iterations.
-STEP_CAPS_S = {'prepare demo data': 30, 'benchmark': 200, 'cuda tests': 100, 'train nlrn 2 ranks': 90,
-               'test nlrn': 25, 'train n3net': 25}
+STEP_CAPS_S = {'prepare demo data': 30, 'benchmark': 190, 'cuda tests': 90, 'train nlrn 2 ranks': 90,
+               'test nlrn': 25, 'triton sweep': 30, 'train n3net': 25}
 #: log line of a two-rank training whose ranks ended with equal weights (``RestorationModel._check_ranks_agree``)
 RANKS_AGREE = 'Final weights of all 2 ranks are equal'
 #: seconds one benchmark case may take (process start, CUDA context, compiles, warm-up, timed runs)
@@ -178,6 +180,8 @@ def steps(out, smoke):
                                   '--root_path', out, '--force_yml', f'path:pretrain_network_g={model}',
                                   f'datasets:test:dataroot_gt={data}/val',
                                   *(['compile=false'] if smoke else [])], (0,), None
+    yield 'triton sweep', [py, 'scripts/triton_window_sweep.py', *(['--quick', '--configs', '8x16x8'] if smoke else
+                                                                   ['--repeats', '3'])], (0,), None
     yield 'train n3net', torchrun(1, 29572) + [
         'train', '-opt', os.path.join('options', 'gpu_check_n3net.yml'), '--launcher', 'pytorch', '--root_path', out,
         '--force_yml', *force, *(smoke_force if smoke else [])], (0,), None

@@ -386,3 +386,17 @@ def test_nlrn_streams_bands_through_the_triton_step(triton_device, monkeypatch):
         net.stream_inference = False
         whole = net(x)
     _close(streamed, whole, 1e-5)      # the banded convs round differently
+
+
+def test_the_launch_configuration_sweep_runs_under_the_interpreter():
+    """``scripts/triton_window_sweep.py --quick``: two configurations of the kernel, the same output."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'triton_window_sweep.py'), '--quick',
+                        '--configs', '8x16x8', '4x8x4'], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '8x16x8' in r.stdout and '4x8x4' in r.stdout and 'max rel diff' in r.stdout
