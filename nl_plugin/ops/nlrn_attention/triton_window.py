@@ -19,7 +19,8 @@ for 45 x 45 useful entries per query: 1.6x the useful products, each carried log
 
 Backward without a copy of every step's logits: the carry buffer holds L_T after the forward. Going backwards, the
 step that wrote L_t reads it, and its key-major pass restores L_{t-1} = L_t - S_t in the same buffer (each slot
-owned by one key pixel there), so step t-1 finds its own logits. The gradient of the carried logits
+owned by one key pixel there), so step t-1 finds its own logits (to within an fp32 rounding of L_t per step,
+as the recomputed S_t is the forward's own product). The gradient of the carried logits
 (dL_{t-1} = dL_t, plus the softmax term of step t) is updated in place in one more buffer of the same size:
 training holds two carried-logit tensors. Two kernels per step: ``_bwd_q_kernel`` (query-major: dS into the
 gradient buffer, dq) and ``_bwd_kv_kernel`` (key-major over the same window, which is symmetric: dk, dv and the
@@ -30,6 +31,12 @@ Precision (``common.py``): q, k, v arrive in the compute dtype (bf16/fp16 under 
 in fp32 and the logits, their running sum, the softmax statistics and the count division are fp32; the weights
 enter the value product in v's dtype. fp32 inputs use TF32 products only where
 ``torch.backends.cuda.matmul.allow_tf32`` allows it, exact fp32 ('ieee') otherwise.
+
+``triton_window_rows`` runs the forward on a band of query rows with the key rows of its reach (inference; the
+network streams bands through all steps with it, ``nlrn_stream``). On CUDA a Triton error while building the
+kernels (resources a GPU lacks for some widths) is remembered per widths and dtype and those steps run on the halo
+kernels instead, with a warning; the backward kernels are built before the forward touches the carry, so that this
+also holds in training. The GPU speed of this kernel has not been measured yet (``scripts/gpu_check.py`` does).
 """
 import logging
 import os
