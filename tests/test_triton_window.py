@@ -189,6 +189,28 @@ def test_bf16_autocast_gradients(triton_device):
         _close(a, b, 3e-2)
 
 
+def test_training_keeps_one_carry_buffer(triton_device):
+    """With autograd the steps update one logit buffer in place and save no logit-sized tensor for the backward:
+    the forward holds one carried-logit tensor whatever the number of steps (the backward adds its gradient)."""
+    dev, geo = triton_device, window_geometry(7, 9, 5, 'exclude')
+    v = _rand(2, 7, 9, 4, device=dev, grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+    lg, buffers = None, set()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for t in range(4):
+            q, k = _rand(2, 7, 9, 3, device=dev, grad=True), _rand(2, 7, 9, 3, device=dev, grad=True)
+            out, lg = tw(q, k, v, geo, 'softmax', prev_logits=lg, return_logits=True)
+            buffers.add(lg.data_ptr())
+    assert len(buffers) == 1 and lg.numel() == 2 * 7 * 9 * geo.p
+    assert saved and max(saved) < lg.numel() // 4
+    out.sum().backward()
+    assert v.grad is not None
+
+
 def test_a_second_backward_is_refused(triton_device):
     """The backward rewinds the carried logits in place: a second pass over the same graph would read the wrong
     logits, so it raises instead."""
