@@ -42,13 +42,51 @@ def init_dist(launcher: str, backend: str | None = None, **kwargs) -> None:
     if mp.get_start_method(allow_none=True) is None:
         mp.set_start_method('spawn')
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    if backend is None:
-        backend = 'nccl' if use_cuda else 'gloo'
+    if backend is None:      # ``dist_backend`` of the option file (fix 2b), else nccl on GPUs
+        backend = _DIST['backend'] or ('nccl' if use_cuda else 'gloo')
     if use_cuda:
         local_rank = int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', 0)))
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group(backend=backend, **kwargs)
     del dist_util  # imported only to make sure the original module is loaded
+
+
+# --- 2b. ``init_dist('pytorch')`` runs before the options are read, so an option file cannot choose the process
+#         group's backend. ``dist_backend`` (top level: nccl or gloo; default nccl on GPUs, gloo on the CPU) is
+#         read from the option file (and --force_yml) first: gloo lets two ranks share one GPU, which NCCL refuses.
+DIST_BACKENDS = ('nccl', 'gloo')
+_DIST = {'backend': None}
+
+
+def dist_backend_option(argv=None):
+    """``dist_backend`` of the option file named by ``-opt`` in ``argv`` (default ``sys.argv``), after
+    ``--force_yml``; None when unset. Raises naming the file for a value not in ``DIST_BACKENDS``."""
+    import argparse
+
+    import yaml
+    from basicsr.utils.options import ordered_yaml
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('-opt', default=None)
+    parser.add_argument('--force_yml', nargs='+', default=None)
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if not args.opt or not os.path.isfile(args.opt):
+        return None
+    with open(args.opt) as f:
+        opt = yaml.load(f, Loader=ordered_yaml()[0]) or {}
+    value = opt.get('dist_backend')
+    for entry in args.force_yml or []:
+        key, _, forced = entry.partition('=')
+        if key.strip() == 'dist_backend':
+            value = forced.strip()
+    if value is None:
+        return None
+    if value not in DIST_BACKENDS:
+        close = difflib.get_close_matches(str(value), DIST_BACKENDS, n=1)
+        raise ValueError(f'{args.opt}: dist_backend must be one of {DIST_BACKENDS}, got {value!r}'
+                         + (f' (did you mean {close[0]!r}?)' if close else ''))
+    if value == 'nccl' and not torch.cuda.is_available():
+        raise ValueError(f"{args.opt}: dist_backend 'nccl' needs a GPU (none is visible); use gloo")
+    return value
 
 
 # --- 3. ``BaseModel.model_to_device`` wraps DDP with ``device_ids=[torch.cuda.current_device()]``,
@@ -145,6 +183,7 @@ def build_network(opt: dict) -> torch.nn.Module:
 # --- 7. ``parse_options`` keeps ``num_gpu: 1`` (common in BasicSR option files) on a machine without a GPU,
 #        and the model then fails deep inside ``.to('cuda')``. Fall back to the CPU with a clear warning.
 def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, object]:
+    _DIST['backend'] = dist_backend_option()      # fix 2b: before the original starts the process group
     opt, args = _ORIGINAL['parse_options'](root_path, is_train=is_train)
     if opt.get('deterministic'):  # fix 13: cuBLAS reads this when it starts, before any CUDA work
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')

@@ -73,13 +73,13 @@ def test_bad_option_fails_before_touching_previous_run(cli_workdir):
 
 
 def test_torchrun_two_cpu_processes(cli_workdir):
-    opt = write_cli_opt(cli_workdir, 'ddp', total_iter=4)
+    opt = write_cli_opt(cli_workdir, 'ddp', total_iter=4, dist_backend='gloo')
     cmd = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node=2',
            f'--master_port={free_port()}', basicsr_cmd(), 'train', '-opt', str(opt), '--launcher', 'pytorch']
     r = run(cmd, cli_workdir)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     exp = cli_workdir / 'experiments' / 'ddp'
     log = read_log(exp)
-    assert 'World size (gpu number): 2' in log
+    assert 'World size (gpu number): 2' in log and 'Final weights of all 2 ranks are equal' in log
     assert log.count('Validation tinyval') >= 2  # at iter 2 and 4 (and the final one)
     assert (exp / 'models' / 'net_g_latest.pth').is_file()

@@ -205,8 +205,9 @@ _CUDA = torch.device('cuda')
 def test_router_on_cuda(monkeypatch):
     """On CUDA: FlexAttention for softmax window steps, whatever the size, except small-image training
     (dense logits / masked SDPA as on the CPU); tokens stay with it; no bands; 'count' and the global
-    scope keep their kernels."""
+    scope keep their kernels. (A torch without Triton: with it, the Triton step comes first, test_triton_window.)"""
     monkeypatch.setattr(router, '_available_memory_bytes', lambda device: 64 * 2**30)
+    monkeypatch.setattr(router, '_triton_applies', lambda device: False)
     monkeypatch.setattr(flex, 'available', lambda: True)
     args = dict(border='exclude', normalization='softmax', element_size=4, device=_CUDA, carried=None, propagate=True)
     cases = [

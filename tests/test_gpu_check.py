@@ -30,7 +30,8 @@ def test_smoke_mode_runs_every_step_on_the_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:]
     report = json.loads((tmp_path / 'gpu_check.json').read_text())
     assert report['smoke'] and [s['step'] for s in report['steps']] == [
-        'prepare demo data', 'cuda tests', 'benchmark', 'train nlrn', 'train n3net', 'test nlrn']
+        'prepare demo data', 'benchmark', 'cuda tests', 'train nlrn 2 ranks', 'test nlrn', 'triton sweep',
+        'train n3net']
     assert all(s['ok'] for s in report['steps'])
     assert (tmp_path / 'experiments' / 'gpu_check_nlrn' / 'models' / 'net_g_latest.pth').is_file()
     assert (tmp_path / 'results' / 'gpu_check_nlrn_test' / 'demo_val_metrics.csv').is_file()

@@ -69,10 +69,13 @@ class NLRNStep:
         return h.add_(s0) if inplace else h + s0
 
     def update(self, z: torch.Tensor, s0: torch.Tensor, state: Optional[CorrelationState], propagate: bool,
-               inplace: bool = False) -> Tuple[torch.Tensor, Optional[CorrelationState]]:
-        """The step after ``features`` on the whole image: the new s and the carried correlation."""
+               inplace: bool = False,
+               carry_out: Optional[bool] = None) -> Tuple[torch.Tensor, Optional[CorrelationState]]:
+        """The step after ``features`` on the whole image: the new s and the carried correlation.
+        ``carry_out`` False (the last non-local step) reads the carried correlation without passing it on."""
         if self.block is not None:
-            attn, state = self.block.attend(z, state if propagate else None, propagate=propagate)
+            attn, state = self.block.attend(z, state if propagate else None,
+                                            propagate=propagate if carry_out is None else carry_out)
             z = self.add_attention(z, attn, inplace)
             del attn
         h = self.hidden(z)
@@ -116,14 +119,22 @@ class NLRN(nn.Module):
         bn_momentum (float): BatchNorm momentum (PyTorch convention). Default: 0.01.
         img_range (float): Pixel range the network works at inside (official: 255). Saved with the
             weights; a state dict of another range is converted on load (``nlrn_layout``). Default: 255.
+        attention_kernel (str): Kernel of the non-local steps: 'auto' (on CUDA the fused Triton window step),
+            'triton', 'flex', 'halo' (window scope) or 'dense' (``WindowedNonLocalBlock``). Default: 'auto'.
+        logit_memory_gb (float, optional): Window-scope inference with the Triton step streams bands of rows
+            through all steps once the whole image's fp32 carried logits would exceed this many GB. Default:
+            None (40% of the free device memory, ``router.LOGIT_MEMORY_SHARE``).
     """
 
     def __init__(self, num_in_ch: int = 1, num_out_ch: int = 1, num_feat: int = 128, num_embed: int = 64,
                  num_steps: int = 12, nl_scope: str = 'global', window_size: int = 45, border: str = 'exclude',
                  correlation: str = 'embedded_gaussian', share_weights: bool = True, nonlocal_every: int = 1,
                  propagate_correlation: bool = True, bn_eps: float = 1e-3, bn_momentum: float = 0.01,
-                 img_range: float = 255.0):
+                 img_range: float = 255.0, attention_kernel: str = 'auto', logit_memory_gb: Optional[float] = None):
         super().__init__()
+        if logit_memory_gb is not None and not float(logit_memory_gb) > 0:
+            raise ValueError(f'logit_memory_gb must be > 0 (or null for the default), got {logit_memory_gb!r}')
+        self.logit_memory_gb = logit_memory_gb
         if not float(img_range) > 0:
             raise ValueError(f'img_range must be > 0, got {img_range!r}')
         if num_out_ch != num_in_ch:
@@ -153,7 +164,7 @@ class NLRN(nn.Module):
         self.conv_first = conv3(num_in_ch, num_feat)
         self.nonlocal_blocks = one_or_per_step(lambda: WindowedNonLocalBlock(
             num_feat, num_embed, correlation=correlation, nl_scope=nl_scope, window_size=window_size,
-            border=border), len(self.nl_steps))
+            border=border, attention_kernel=attention_kernel), len(self.nl_steps))
         self.convs_a = one_or_per_step(lambda: conv3(num_feat, num_feat), num_steps)
         self.convs_b = one_or_per_step(lambda: conv3(num_feat, num_feat), num_steps)
         # Per-step BatchNorms (not shared): BN_t1 before ReLU/NL, BN_t2 before conv_a, BN_t3 before conv_b.
@@ -210,16 +221,21 @@ class NLRN(nn.Module):
         x = x * self.img_range      # official pixel scale inside; every path below works on it
         lean = not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
         blk = self.nonlocal_blocks[0]
+        logit_memory = None if self.logit_memory_gb is None else int(self.logit_memory_gb * 2**30)
         path = route_network(grad=not lean, training=self.training, window_size=blk.attention_window,
                              border=blk.border, height=x.shape[2], width=x.shape[3], device=x.device,
-                             allow_bands=self.stream_inference)
+                             allow_bands=self.stream_inference, attention_kernel=blk.attention_kernel,
+                             batch=x.shape[0], logit_memory=logit_memory)
         if path is Kernel.BANDS:
             return stream_forward(self, x) / self.img_range
         s0 = self.stem(x)
         s, state = s0, None
-        for step in self.steps():
+        # The last window-scope step reads the carried logits without writing them back.
+        last_nl = self.nl_steps[-1] if blk.attention_window is not None else None
+        for t, step in enumerate(self.steps()):
             z = step.features(s, inplace=lean)
             del s      # s and z are dropped as early as possible: a step peaks at the attention
-            s, state = step.update(z, s0, state, self.propagate_correlation, inplace=lean)
+            s, state = step.update(z, s0, state, self.propagate_correlation, inplace=lean,
+                                   carry_out=False if t == last_nl else None)
             del z
         return self.head(x, s) / self.img_range

@@ -21,11 +21,17 @@ from torch.nn import functional as F
 
 from nl_plugin.ops.amp import compute_dtype
 from nl_plugin.ops.nlrn_attention import window_attention_rows
-from nl_plugin.ops.nlrn_attention.common import window_geometry
+from nl_plugin.ops.nlrn_attention.common import border_rule, window_geometry
+from nl_plugin.ops.nlrn_attention.router import Kernel, band_kernel
+from nl_plugin.ops.nlrn_attention.triton_window import triton_window_rows
 
 # Bands of this many rows (one query-block row of the banded attention op; smaller bands keep fewer
 # carried logits alive).
 _BAND = 8
+# Bands of the fused Triton step (GPU): its image-layout logits take any band height, and taller bands mean fewer
+# launches; (T-1)(r+2) rows plus a band per step stay alive (about 11 GB of fp32 logits at q = 45 across 2160
+# columns).
+_TRITON_BAND = 32
 # Features are channels-last (NHWC in memory): oneDNN's 3x3 convs are faster on it, and the
 # non-local embeddings and attention output are NHWC views of the same memory.
 _CL = torch.channels_last
@@ -40,7 +46,11 @@ class _Context:
         self.x = x.transpose(2, 3).contiguous() if self.transpose else x
         self.h = self.x.shape[2]
         blk = net.nonlocal_blocks[0]
-        self.py = window_geometry(self.h, self.x.shape[3], blk.window_size, blk.border).py
+        self.geo = window_geometry(self.h, self.x.shape[3], blk.window_size, blk.border)
+        self.py = self.geo.py
+        #: the attention of a band runs on the fused Triton step (else the strips kernel)
+        self.triton = band_kernel(blk.attention_kernel, x.device) is Kernel.TRITON and border_rule(blk.border).streams
+        self.band = _TRITON_BAND if self.triton else _BAND
         self.out = torch.empty_like(self.x)
         # (conv, dtype) -> weights in the dtype the row convs run in (the autocast dtype, fp32 for the head):
         # cast once, not again for every band
@@ -167,6 +177,7 @@ class _Attend(_Stage):
 
     def __init__(self, ctx, src, kv, step, index, carry_in, carry_out):
         super().__init__(ctx, [(kv, ctx.py), (src, 0)])
+        self.band = ctx.band
         self.src, self.kv, self.step = src, kv, step
         self.index, self.carry_in, self.carry_out = index, carry_in, carry_out
 
@@ -177,8 +188,12 @@ class _Attend(_Stage):
         z = self.step.features(self.src.rows(a, e)[0], inplace=True)
         q = blk.embed(z.permute(0, 2, 3, 1), key_value=False)[0]
         prev = ctx.logits.pop((self.index - 1, a), None) if self.carry_in else None
-        res = window_attention_rows(q, k, v, a - lo, blk.window_size, blk.normalization, prev_logits=prev,
-                                    return_logits=self.carry_out, image_height=ctx.h, border=blk.border)
+        if ctx.triton:
+            res = triton_window_rows(q, k, v, a - lo, ctx.geo, blk.normalization, prev_logits=prev,
+                                     return_logits=self.carry_out)
+        else:
+            res = window_attention_rows(q, k, v, a - lo, blk.window_size, blk.normalization, prev_logits=prev,
+                                        return_logits=self.carry_out, image_height=ctx.h, border=blk.border)
         if self.carry_out:
             res, ctx.logits[(self.index, a)] = res
         return (self.step.add_attention(z, res.permute(0, 3, 1, 2), inplace=True), )
@@ -277,6 +292,6 @@ def stream_forward(net, x: torch.Tensor) -> torch.Tensor:
     for st in stages:
         for src, need in st.inputs:
             readers.setdefault(src, []).append((st, need))
-    for e in range(_BAND, ctx.h + _BAND, _BAND):
+    for e in range(ctx.band, ctx.h + ctx.band, ctx.band):
         _ensure(stages[-1], e, ctx.h, readers)
     return ctx.result()

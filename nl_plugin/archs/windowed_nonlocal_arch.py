@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nl_plugin.ops.nlrn_attention import CorrelationState, check_window_args, euclidean_embeddings, propagated_attention
+from nl_plugin.ops.nlrn_attention.router import check_attention_kernel
 
 # Paper Table 1 correlation functions -> (embedding used for query/key, normalisation).
 CORRELATIONS = {
@@ -64,14 +65,19 @@ class WindowedNonLocalBlock(nn.Module):
         window_size (int): Odd window side of the window scope. Default: 45.
         border (str): Window scope at the image border: 'exclude' (out-of-image neighbours left
             out of the normalisation) or 'circular' (wrap-around). Default: 'exclude'.
+        attention_kernel (str): 'auto' (``nl_plugin.ops.nlrn_attention.router`` chooses: on CUDA the fused
+            Triton window step), or one kernel family forced: 'triton', 'flex', 'halo' (window scope) or 'dense'
+            (dense logits, either scope). Same result; speed and memory differ. Default: 'auto'.
     """
 
     def __init__(self, num_feat: int = 128, num_embed: int = 64, correlation: str = 'embedded_gaussian',
-                 nl_scope: str = 'window', window_size: int = 45, border: str = 'exclude'):
+                 nl_scope: str = 'window', window_size: int = 45, border: str = 'exclude',
+                 attention_kernel: str = 'auto'):
         super().__init__()
         if correlation not in CORRELATIONS:
             raise ValueError(f'correlation must be one of {sorted(CORRELATIONS)}, got {correlation!r}')
         self.window_size = check_scope(nl_scope, window_size, border)
+        self.attention_kernel = check_attention_kernel(attention_kernel, window=nl_scope == 'window')
         self.nl_scope, self.border, self.correlation = nl_scope, border, correlation
         self.num_feat = num_feat
         embed, self.normalization = CORRELATIONS[correlation]
@@ -134,7 +140,7 @@ class WindowedNonLocalBlock(nn.Module):
             raise ValueError(f'WindowedNonLocalBlock expects (B, {self.num_feat}, H, W), got {tuple(x.shape)}')
         q, k, v = self.embed(x.permute(0, 2, 3, 1))
         out, state = propagated_attention(q, k, v, state, self.attention_window, self.border, self.normalization,
-                                          propagate=propagate)
+                                          propagate=propagate, attention_kernel=self.attention_kernel)
         return out.permute(0, 3, 1, 2), state
 
     def forward(self, x: torch.Tensor, state: Optional[CorrelationState] = None,

@@ -10,7 +10,10 @@ themselves need: after the warm-up, freed heap memory is handed back (``malloc_t
 kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), so it is the peak RSS of the runs
 minus the RSS they started from (model and inputs included there, one-time library set-up not).
 GPU memory is ``torch.cuda.max_memory_allocated`` over the timed runs. The fp32 matmul rate of the
-machine is measured in the same run, so GFLOP/s figures can be read against it.
+machine is measured in the same run, so GFLOP/s figures can be read against it. Cases that state the bytes
+they must move (the ``gpu_`` cases of :mod:`nl_plugin.benchmark.triton_cases`, run only with ``--device cuda``)
+also give the fraction of the memory-traffic floor they reach: bytes / (time x bandwidth), the bandwidth from
+a table by GPU name or ``--bandwidth_gbs``.
 """
 import argparse
 import json
@@ -26,8 +29,10 @@ from ..fileio import atomic_write
 from ..utils import cpuinfo_field, reset_rss_peak, rss_mb, run_process_group
 from .network_cases import CASES as NETWORK_CASES
 from .op_cases import OP_CASES
+from .triton_cases import BANDWIDTH_ENV, GPU_ONLY, gpu_bandwidth_gbs
+from .triton_cases import CASES as TRITON_CASES
 
-CASES = {**NETWORK_CASES, **OP_CASES}
+CASES = {**NETWORK_CASES, **OP_CASES, **TRITON_CASES}
 #: the folder holding the nl_plugin package, put on the workers' PYTHONPATH so they time this tree
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -70,6 +75,12 @@ def worker(name, device, quick, repeats, budget):
     else:
         out['peak_mem_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
         out['extra_mem_gb'] = (_status_gb('VmHWM') or out['peak_mem_gb']) - base_gb
+    if spec.get('bytes'):
+        out['bytes_moved'] = spec['bytes']
+        bw = gpu_bandwidth_gbs(torch.cuda.get_device_name()) if device == 'cuda' else None
+        if bw:
+            out['bandwidth_gbs'] = bw
+            out['floor_fraction'] = spec['bytes'] / (med * bw * 1e9)
     for k, v in spec.get('extra', {}).items():
         out[k] = v
     return out
@@ -121,6 +132,8 @@ def ratios(results):
             'inject_edsr_base_481x321')
         add(f'EDSR + inserted {block} block / EDSR, memory added by the run', f'inject_edsr_{block}_481x321',
             'inject_edsr_base_481x321', 'extra_mem_gb')
+    add('RRDBNet + 2 window blocks / RRDBNet, training iteration time', 'gpu_train_iter_rrdb_window',
+        'gpu_train_iter_rrdb_base')
     add('N3 block: reference / fast, time (481x321)', 'op_n3block_ref_481x321', 'op_n3block_fast_481x321')
     add('N3 block: reference / fast, memory added by the run', 'op_n3block_ref_481x321',
         'op_n3block_fast_481x321', 'extra_mem_gb')
@@ -156,8 +169,9 @@ def print_table(results, meta):
             continue
         gf = f"{r['gflops']:.1f}" if r.get('gflops') else ''
         extra = f"{r['extra_mem_gb']:.2f}" if 'extra_mem_gb' in r else ''
+        floor = f", {r['floor_fraction']:.2f} of the memory-traffic floor" if 'floor_fraction' in r else ''
         print(f"{r['case']:<26}{r['median_s']:>10.3f}{r['runs']:>6}{r['peak_mem_gb']:>9.2f}{extra:>7}{gf:>9}"
-              f"  {r['note']}")
+              f"  {r['note']}{floor}")
     rs = ratios(results)
     if rs:
         print('\nratios (same run)')
@@ -175,13 +189,18 @@ def main():
     ap.add_argument('--case_timeout', type=float, default=None,
                     help='seconds a case may take, start and warm-up included (default: no limit)')
     ap.add_argument('--only', nargs='*', default=None, help='run the cases whose name contains one of these')
+    ap.add_argument('--bandwidth_gbs', type=float, default=None,
+                    help='GPU memory bandwidth in GB/s for the memory-traffic floor (default: by GPU name)')
     ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._worker:
         print(json.dumps(worker(args._worker, args.device, args.quick, args.repeats, args.budget)))
         return
     import torch
-    names = [n for n in CASES if not args.only or any(s in n for s in args.only)]
+    if args.bandwidth_gbs:
+        os.environ[BANDWIDTH_ENV] = str(args.bandwidth_gbs)     # read by the workers
+    names = [n for n in CASES if (not args.only or any(s in n for s in args.only))
+             and (args.device == 'cuda' or n not in GPU_ONLY)]
     if 'matmul_fp32' not in names:
         names.insert(0, 'matmul_fp32')
     meta = {'device': args.device, 'quick': args.quick, 'torch': torch.__version__,

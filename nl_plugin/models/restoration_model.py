@@ -255,6 +255,27 @@ class RestorationModel(SolverMixin, ValidationMixin, SRModel):
         if self._pbar is not None and current_iter == -1:
             self._pbar.close()
         super().save(epoch, current_iter)
+        if current_iter == -1:      # the end of training
+            self._check_ranks_agree()
+
+    def _check_ranks_agree(self):
+        """Several processes: every rank's final weights equal rank 0's (DDP keeps them in step; a difference
+        means a rank trained apart), checked by one broadcast of the weights; logged, or raised naming the ranks."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        params = [p.detach().reshape(-1).float() for p in self.get_bare_model(self.net_g).parameters()]
+        mine = torch.cat(params)
+        ref = mine.clone()
+        dist.broadcast(ref, src=0)
+        differs = torch.tensor([0. if torch.equal(mine, ref) else 1.], device=mine.device)
+        flags = [torch.zeros_like(differs) for _ in range(dist.get_world_size())]
+        dist.all_gather(flags, differs)
+        bad = [r for r, f in enumerate(flags) if f.item()]
+        if bad:
+            raise RuntimeError(f'the final weights of rank(s) {bad} differ from rank 0\'s: the processes did not '
+                               'train in step')
+        get_root_logger().info(f'Final weights of all {dist.get_world_size()} ranks are equal '
+                               f'({mine.numel()} parameters).')
 
 
 __all__ = ['RestorationModel']

@@ -4,8 +4,8 @@ One role per module: ``common`` (checks, window geometry, window mask, the norma
 ``state`` (the carried correlation), ``embeddings`` (Table 1 correlations as dot products),
 ``reference`` (the dense oracle), ``dense`` (SDPA, linear and dense-logit kernels), ``halo``
 (autograd halo kernel), ``halo_inference`` (no-grad strips kernel and the band-of-rows API),
-``flex`` (FlexAttention window kernel for CUDA), ``router`` (which kernel runs) and ``api`` (the
-public functions).
+``flex`` (FlexAttention window kernel for CUDA), ``triton_window`` (the fused Triton window step with
+the carried logits in place, CUDA), ``router`` (which kernel runs) and ``api`` (the public functions).
 """
 from .api import global_attention, propagated_attention, window_attention
 from .common import BORDERS, NORMALIZATIONS, check_window_args, window_mask

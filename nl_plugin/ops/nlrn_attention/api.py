@@ -22,6 +22,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..amp import accum_dtype, to_compute
+from . import triton_window
 from .common import check_qkv, check_window_args, requires_grad, window_geometry
 from .dense import dense_logits_step, linear_attention, masked_window_sdpa, sdpa_attention
 from .flex import flex_step, flex_window_attention
@@ -73,6 +74,15 @@ def _run_window(kernel, q, k, v, window_size, border, normalization, prev_logits
     if prev_logits is not None and layout is Layout.IMAGE and tuple(prev_logits.shape) != (*q.shape[:3], geo.p):
         raise ValueError(f'prev_logits must have shape {(*q.shape[:3], geo.p)} (compact window layout), '
                          f'got {tuple(prev_logits.shape)}')
+    if kernel is Kernel.TRITON:
+        if not triton_window.compile_failed(q, v, geo):
+            try:
+                return triton_window.triton_window_attention(q, k, v, geo, normalization, prev_logits, return_logits)
+            except Exception as err:      # noqa: BLE001  (Triton's errors are told apart below)
+                if not triton_window.note_failure(err, q, v, geo):
+                    raise
+        # a GPU that cannot compile the kernel for these widths: the halo kernels, same layout and result
+        kernel = Kernel.HALO if requires_grad(q, k, v, prev_logits) else Kernel.STRIPS
     if kernel is Kernel.HALO:
         return halo_attention(q, k, v, geo, normalization, prev_logits, return_logits)
     return strips_attention(q, k, v, geo, normalization, prev_logits, return_logits,
@@ -114,7 +124,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
 
 def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[CorrelationState] = None,
                          window_size: Optional[int] = None, border: str = 'exclude', normalization: str = 'softmax',
-                         propagate: bool = True) -> Tuple[torch.Tensor, Optional[CorrelationState]]:
+                         propagate: bool = True,
+                         attention_kernel: str = 'auto') -> Tuple[torch.Tensor, Optional[CorrelationState]]:
     """One non-local step with correlation propagation; the function a network calls per step.
 
     The carried representation (dense logits, window logits or concatenated embeddings, see
@@ -126,7 +137,10 @@ def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
         window_size (int | None): Odd window side; None = global attention over the tensor.
         border (str): 'exclude' or 'circular' (window scope only).
         normalization (str): 'softmax' or 'count'.
-        propagate (bool): Carry the correlation to the next step. If False, returns state None.
+        propagate (bool): Carry the correlation to the next step. If False, returns state None (and the
+            carried logits are read, not written).
+        attention_kernel (str): 'auto' (the router chooses), or a kernel family to force: 'triton', 'flex',
+            'halo' (window scope) or 'dense' (see ``router.ATTENTION_KERNELS``).
 
     Returns:
         tuple[Tensor, CorrelationState | None]: out (B, H, W, C) and the new state.
@@ -138,7 +152,7 @@ def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
     grad = requires_grad(q, k, v) if state is None else requires_grad(q, k, v, state.q, state.k, state.logits)
     route = route_step(window_size=window_size, border=border, normalization=normalization, grad=grad,
                        shape=tuple(q.shape[:3]), element_size=_logit_size(q), device=q.device, carried=carried,
-                       propagate=propagate)
+                       propagate=propagate, attention_kernel=attention_kernel)
     if route.kernel is Kernel.DENSE_LOGITS:
         out, logits = dense_logits_step(q, k, v, None if state is None else state.logits, window_size, border,
                                         normalization)
