@@ -15,6 +15,7 @@ from nl_plugin.ops.nlrn_attention import (
     dense_attention_reference,
     flex,
     propagated_attention,
+    triton_window,
     window_attention,
     window_attention_rows,
     window_mask,
@@ -96,6 +97,27 @@ def _bands(qs, ks, v, ws, border, norm):
     return torch.cat(outs, 1)
 
 
+def _triton(q, k, v, ws, border, norm, prev):
+    geo = window_geometry(q.shape[1], q.shape[2], ws, border)
+    return triton_window.triton_window_attention(q, k, v, geo, norm, prev, return_logits=True)
+
+
+def _triton_bands(qs, ks, v, ws, border, norm):
+    """Bands of 8 query rows on the fused kernel (``triton_window_rows``), logits carried per band."""
+    h = v.shape[1]
+    geo = window_geometry(h, v.shape[2], ws, border)
+    outs = []
+    for a in range(0, h, 8):
+        e = min(a + 8, h)
+        lo, hi = max(a - geo.py, 0), min(e + geo.py, h)
+        logits = None
+        for q, k in zip(qs, ks):
+            out, logits = triton_window.triton_window_rows(q[:, a:e], k[:, lo:hi], v[:, lo:hi], a - lo, geo, norm,
+                                                           logits, return_logits=True)
+        outs.append(out)
+    return torch.cat(outs, 1)
+
+
 def _flex(qs, ks, v, ws, border, norm):
     state = None
     for q, k in zip(qs, ks):
@@ -116,6 +138,7 @@ class KernelRow(NamedTuple):
     softmax_only: bool = False
     streaming: bool = False            # bands of rows: only the borders in ``STREAM_BORDERS``
     available: Callable = lambda: True
+    triton: bool = False               # a Triton kernel: on the CPU it runs under Triton's interpreter
 
 
 KERNELS = {
@@ -129,6 +152,8 @@ KERNELS = {
     'bands': KernelRow(_bands, streaming=True),
     'flex': KernelRow(_flex, softmax_only=True, available=flex.available),
     'routed': KernelRow(_routed),
+    'triton': KernelRow(_two_steps_logits(_triton), available=triton_window.available, triton=True),
+    'triton_bands': KernelRow(_triton_bands, streaming=True, available=triton_window.available, triton=True),
 }
 
 SIZES = [  # h, w, window: interior and border pixels, odd partial blocks, an image smaller than the window
@@ -142,10 +167,12 @@ SIZES = [  # h, w, window: interior and border pixels, odd partial blocks, an im
 @pytest.mark.parametrize('border', BORDERS)
 @pytest.mark.parametrize('norm', ['softmax', 'count'])
 @pytest.mark.parametrize('h,w,ws', SIZES)
-def test_every_kernel_follows_the_border_rule(kernel, border, norm, h, w, ws):
+def test_every_kernel_follows_the_border_rule(kernel, border, norm, h, w, ws, monkeypatch):
     row = KERNELS[kernel]
     if not row.available():
-        pytest.skip(f'{kernel} is not available in this torch')
+        pytest.skip(f'{kernel} is not available here')
+    if row.triton:
+        monkeypatch.setenv('TRITON_INTERPRET', '1')
     if row.softmax_only and norm != 'softmax':
         pytest.skip(f'{kernel} has only the softmax normalisation')
     if row.streaming and border not in STREAM_BORDERS:
