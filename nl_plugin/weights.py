@@ -556,15 +556,17 @@ def _creation_budget(limit: int | None, what: str) -> Iterator[None]:
 
 
 class _SkipMetaInit(torch.overrides.TorchFunctionMode):
-    """Skip the in-place initialisations of ``meta`` tensors (they keep no values, and torch decomposes them
-    op by op there, many times slower than the real ones): a ``meta`` build then costs what its modules cost."""
+    """Skip the in-place operations on ``meta`` tensors that only set values (``normal_``, ``kaiming_uniform_``,
+    ``copy_``, ...): they keep no values there, and torch decomposes them op by op, many times slower than the
+    real ones. Those that change a shape or a flag still run. A ``meta`` build then costs what its modules cost."""
 
-    _INIT = frozenset(('normal_', 'uniform_', 'fill_', 'zero_', 'copy_', 'trunc_normal_', 'bernoulli_',
-                       'exponential_', 'mul_', 'add_', 'clamp_', 'sub_', 'div_', 'erfinv_'))
+    _KEEP = frozenset(('resize_', 'resize_as_', 'set_', 'squeeze_', 'unsqueeze_', 'transpose_', 't_', 'swapdims_',
+                       'swapaxes_', 'as_strided_', 'requires_grad_', 'share_memory_', 'detach_', 'unflatten_'))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, '__name__', '') in self._INIT and args and isinstance(args[0], torch.Tensor) \
-                and args[0].is_meta:
+        name = getattr(func, '__name__', '')
+        if name.endswith('_') and not name.startswith('_') and name not in self._KEEP and args \
+                and isinstance(args[0], torch.Tensor) and args[0].is_meta:
             return args[0]
         return func(*args, **(kwargs or {}))
 
