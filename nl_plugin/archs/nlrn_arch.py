@@ -11,6 +11,7 @@ from nl_plugin.archs.nlrn_stream import stream_forward
 from nl_plugin.archs.windowed_nonlocal_arch import WindowedNonLocalBlock
 from nl_plugin.ops.amp import full_precision
 from nl_plugin.ops.nlrn_attention import CorrelationState
+from nl_plugin.ops.nlrn_attention.common import border_rule
 from nl_plugin.ops.nlrn_attention.router import Kernel, route_network
 
 # How a 3x3 conv is applied: ``conv(module, x)``. On the whole image it is the module itself; the
@@ -198,14 +199,15 @@ class NLRN(nn.Module):
         """Inference tiles (``basicsr infer --tile auto``, ``val: tile: auto``): ``(size, overlap)`` or None.
 
         Global scope: 45x45 tiles at stride 23, the attention extent it was trained on (the official test
-        protocol is 45:38, about 10x as many tiles). Window scope with the excluded border streams the image
-        by itself (``nlrn_stream``): tiles of 2048 only past 2048 px on the short side. The circular border
-        does not stream (its logits cover the whole image): tiles of 512 past 512 px.
+        protocol is 45:38, about 10x as many tiles). Window scope with a border whose bands stream
+        (``Border.streams``: 'exclude') streams the image by itself (``nlrn_stream``): tiles of 2048 only
+        past 2048 px on the short side. The circular border does not stream (its logits cover the whole
+        image): tiles of 512 past 512 px.
         """
         blk = self.nonlocal_blocks[0]
         if blk.nl_scope != 'window':
             return 45, 22
-        if blk.border == 'exclude':
+        if border_rule(blk.border).streams:
             return (2048, 128) if min(h, w) > 2048 else None
         return (512, 128) if max(h, w) > 512 else None
 

@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from ..utils import cpuinfo_field
+
 __all__ = ['PRECISIONS', 'check_precision', 'cpu_bf16_flags', 'fast_bf16', 'resolve_precision', 'autocast',
            'ModelPrecision']
 
@@ -43,18 +45,10 @@ def check_precision(value: str, where: str) -> str:
     raise ValueError(f'{where}: precision must be one of {PRECISIONS}, got {value!r}{hint}')
 
 
-
 def cpu_bf16_flags(cpuinfo: str = '/proc/cpuinfo') -> tuple[str, ...]:
     """The native-bf16 flags of this CPU (subset of :data:`CPU_BF16_FLAGS`); empty where unreadable."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith('flags'):
-                    flags = set(line.split(':', 1)[1].split())
-                    return tuple(f for f in CPU_BF16_FLAGS if f in flags)
-    except OSError:
-        pass
-    return ()
+    flags = set((cpuinfo_field('flags', cpuinfo) or '').split())
+    return tuple(f for f in CPU_BF16_FLAGS if f in flags)
 
 
 def fast_bf16(device: torch.device | str, cpuinfo: str = '/proc/cpuinfo') -> tuple[bool, str]:
