@@ -122,7 +122,8 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
                                        'this one was not written') from None
         os.rename(tmp, path)
         return
-    os.remove(tmp)
+    # the link made the complete file: a temporary name that stays is a cleanup's (remove_stale_temp_files)
+    _remove(tmp)
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[Any]], Any], mode: str = 'wb',

@@ -90,3 +90,20 @@ def test_a_cleanup_between_creating_and_locking_the_temp_file_does_not_break_the
     atomic_write_bytes(tmp_path / 'a.png', b'data')
     assert len(removed) == 1 and removed[0].startswith('.a.png.')      # the interleaving did happen
     assert (tmp_path / 'a.png').read_bytes() == b'data' and os.listdir(tmp_path) == ['a.png']
+
+
+def test_no_overwrite_succeeds_when_the_temporary_name_cannot_be_removed_after_the_link(tmp_path, monkeypatch):
+    """Once the link made the complete file, a failing removal of the temporary name is no failed write."""
+    real_remove = os.remove
+
+    def remove(path, *a, **kw):
+        if fileio.is_temp_name(os.path.basename(path), of='a.png'):
+            raise PermissionError(13, 'Permission denied', path)
+        return real_remove(path, *a, **kw)
+
+    monkeypatch.setattr(os, 'remove', remove)
+    atomic_write_bytes(tmp_path / 'a.png', b'data', overwrite=False)
+    monkeypatch.undo()
+    assert (tmp_path / 'a.png').read_bytes() == b'data'
+    assert fileio.remove_stale_temp_files(tmp_path) != []     # the left-over name goes at the next cleanup
+    assert os.listdir(tmp_path) == ['a.png']
