@@ -7,7 +7,8 @@ Y, or each of R, G, B in turn), RGB for a 3-channel one.
 Image bombs: :func:`read_image` reads the width and height from the file's header (:func:`header_size`, a few
 bytes of PNG, JPEG, TIFF, BMP or WebP) and refuses an image of more than ``max_pixels`` before anything is
 decoded: a 400 KB PNG can claim 20000x20000 pixels and decode to gigabytes. OpenCV decodes whole images, so
-one image's memory is bounded by this limit, not by the tiles the network runs in.
+one image's memory is bounded by this limit, not by the tiles the network runs in. The header is read as the
+decoder reads it (the first of duplicate TIFF tags), and an image that decodes to another size is refused.
 """
 from __future__ import annotations
 
@@ -89,10 +90,12 @@ def _tiff_size(f):
         if len(entry) < entry_size:
             break
         tag, kind = struct.unpack(order + 'HH', entry[:4])
-        value = entry[12:] if big else entry[8:]
-        fmt = {3: 'H', 4: 'I', 16: 'Q'}.get(kind)
-        if tag in (256, 257) and fmt:
-            dims[tag] = struct.unpack_from(order + fmt, value)[0]
+        if tag not in (256, 257) or tag in dims:      # libtiff keeps the first of duplicate tags, so does this
+            continue
+        fmt = {1: 'B', 3: 'H', 4: 'I', 16: 'Q'}.get(kind)
+        if fmt is None:                               # a type libtiff would read or refuse: not ours to guess
+            return None
+        dims[tag] = struct.unpack_from(order + fmt, entry[12:] if big else entry[8:])[0]
     return (dims[256], dims[257]) if len(dims) == 2 else None
 
 
@@ -185,7 +188,7 @@ def read_image(path: str, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarr
     """
     if not os.path.isfile(path):
         raise ImageError(f'{path}: cannot be read as an image')
-    check_pixels(path, max_pixels)
+    width, height = check_pixels(path, max_pixels)
     try:
         data = np.fromfile(path, dtype=np.uint8)
         img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -198,6 +201,11 @@ def read_image(path: str, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarr
         raise ImageError(f'{path}: cannot be read ({err.strerror or err})') from None
     if img is None:
         raise ImageError(f'{path}: cannot be read as an image')
+    # The limit holds for what was decoded: a header this module reads otherwise than the decoder is refused.
+    # IMREAD_UNCHANGED keeps the stored orientation (no EXIF rotation), so the sizes agree for every valid file.
+    if img.shape[:2] != (height, width):
+        raise ImageError(f'{path}: its header says {width}x{height} pixels but it decodes to '
+                         f'{img.shape[1]}x{img.shape[0]} (a damaged or crafted file)')
     dtype = img.dtype
     if dtype in _MAX:
         img = img.astype(np.float32) / _MAX[dtype]
