@@ -29,6 +29,9 @@ _MAX = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 MAX_PIXELS = 89_478_485
 _FORMATS = 'PNG, JPEG, TIFF, BMP or WebP'
 _JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers (not DHT, JPG, DAC)
+# Bytes of garbage and fill a JPEG's header may hold between its segments in all (a real file has none or a few):
+# past them the header counts as damaged, so a file of megabytes without a marker is not scanned to its end.
+_JPEG_SKIP = 2**20
 
 
 class ImageError(ValueError):
@@ -42,17 +45,40 @@ def _png_size(f):
     return struct.unpack('>II', head[16:24])
 
 
+def _jpeg_marker(f, budget: int) -> tuple[int | None, int]:
+    """The next marker code after the file position and the bytes skipped before it: anything but 0xFF, then
+    0xFF fill (decoders skip both between segments). Reads in growing chunks, at most about ``budget`` bytes
+    skipped; the code is None at the end of the file or past the budget. The file is left after the code."""
+    size, skipped, fill = 64, 0, False
+    while skipped <= budget:
+        chunk = f.read(size)
+        if not chunk:
+            return None, skipped
+        if not fill:
+            start = chunk.find(b'\xff')
+            if start < 0:
+                skipped += len(chunk)
+                size = min(2 * size, 2**16)
+                continue
+            skipped += start
+            chunk, fill = chunk[start + 1:], True
+        rest = chunk.lstrip(b'\xff')
+        skipped += len(chunk) - len(rest)
+        if rest:
+            f.seek(1 - len(rest), os.SEEK_CUR)
+            return rest[0], skipped
+        size = min(2 * size, 2**16)
+    return None, skipped
+
+
 def _jpeg_size(f):
     f.seek(2)
+    budget = _JPEG_SKIP
     for _ in range(100_000):                      # segments; a real file reaches its frame header in a few
-        byte = f.read(1)
-        while byte and byte != b'\xff':           # tolerate garbage between segments as decoders do
-            byte = f.read(1)
-        while byte == b'\xff':                    # fill bytes
-            byte = f.read(1)
-        if not byte:
+        marker, skipped = _jpeg_marker(f, budget)
+        budget -= skipped
+        if marker is None:
             return None
-        marker = byte[0]
         if marker in (0x01, *range(0xD0, 0xD9)):  # TEM, RSTn, SOI: no length
             continue
         if marker == 0xD9:                        # EOI before any frame

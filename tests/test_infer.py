@@ -472,3 +472,34 @@ def test_val_tile_auto_reads_the_same_declaration(tmp_path):
     assert torch.equal(model.output, ref) and not torch.allclose(model.output, whole)
     with pytest.raises(ValueError, match="val:tile must be .* or 'auto', got 'atuo'"):
         build_model(dict(opt, val={'tile': 'atuo', 'metrics': {}}))
+
+
+def test_a_jpeg_header_scan_reads_a_bounded_number_of_bytes(tmp_path, model, capsys):
+    """A JPEG start followed by megabytes without a marker (or of 0xFF fill) is given up after
+    ``image_io._JPEG_SKIP`` bytes, with one line; a few bytes of garbage between segments are still skipped."""
+    import io
+
+    class Counting(io.BytesIO):
+        read_bytes = 0
+
+        def read(self, n=-1):
+            data = super().read(n)
+            self.read_bytes += len(data)
+            return data
+
+    bound = image_io._JPEG_SKIP + 2**16
+    for filler in (b'\x00', b'\xff'):
+        data = b'\xff\xd8' + filler * (4 * 2**20)
+        f = Counting(data)
+        assert image_io._jpeg_size(f) is None and f.read_bytes <= bound, filler
+    _, path = model
+    bad = tmp_path / 'in' / 'bad.jpg'
+    os.makedirs(bad.parent)
+    bad.write_bytes(b'\xff\xd8' + bytes(4 * 2**20))
+    assert infer('--model', path, '--input', bad, '--output', tmp_path / 'out') == 1
+    assert _errors(capsys) == [f'basicsr infer: error: {bad}: cannot be read as an image (not a PNG, JPEG, TIFF, '
+                               'BMP or WebP file, or a damaged header)']
+    jpeg = cv2.imencode('.jpg', np.full((13, 17), 50, np.uint8))[1].tobytes()
+    for junk in (b'\x00' * 5000, b'\xff' * 5000):     # garbage, fill: what decoders skip before a marker
+        f = Counting(jpeg[:2] + junk + jpeg[2:])
+        assert image_io._jpeg_size(f) == (17, 13) and f.read_bytes < 2**16, junk[:1]
