@@ -88,10 +88,12 @@ def _create_temp(path: str) -> tuple[int, str]:
             fd = os.open(tmp, flags, 0o666)    # 0666 & ~umask, as open() would
         except FileExistsError:
             continue
-        # a cleanup may have opened the new file before the lock and removed it: then start again
-        now = _stat(tmp)
-        if _lock(fd) and now is not None and os.path.samestat(os.fstat(fd), now):
-            return fd, tmp
+        # A cleanup may have locked and removed the new file before this lock: then start again. The name is
+        # checked after the lock, so a removal before it is seen and none can follow it.
+        if _lock(fd):
+            now = _stat(tmp)
+            if now is not None and os.path.samestat(os.fstat(fd), now):
+                return fd, tmp
         os.close(fd)
     raise FileExistsError(errno.EEXIST, 'no free temporary file name', os.path.join(folder, temp_prefix(path)))
 
@@ -120,7 +122,8 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
                                        'this one was not written') from None
         os.rename(tmp, path)
         return
-    os.remove(tmp)
+    # the link made the complete file: a temporary name that stays is a cleanup's (remove_stale_temp_files)
+    _remove(tmp)
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[Any]], Any], mode: str = 'wb',

@@ -7,7 +7,8 @@ Y, or each of R, G, B in turn), RGB for a 3-channel one.
 Image bombs: :func:`read_image` reads the width and height from the file's header (:func:`header_size`, a few
 bytes of PNG, JPEG, TIFF, BMP or WebP) and refuses an image of more than ``max_pixels`` before anything is
 decoded: a 400 KB PNG can claim 20000x20000 pixels and decode to gigabytes. OpenCV decodes whole images, so
-one image's memory is bounded by this limit, not by the tiles the network runs in.
+one image's memory is bounded by this limit, not by the tiles the network runs in. The header is read as the
+decoder reads it (the first of duplicate TIFF tags), and an image that decodes to another size is refused.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ _MAX = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 MAX_PIXELS = 89_478_485
 _FORMATS = 'PNG, JPEG, TIFF, BMP or WebP'
 _JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers (not DHT, JPG, DAC)
+# Bytes of garbage and fill a JPEG's header may hold between its segments in all (a real file has none or a few):
+# past them the header counts as damaged, so a file of megabytes without a marker is not scanned to its end.
+_JPEG_SKIP = 2**20
 
 
 class ImageError(ValueError):
@@ -41,17 +45,40 @@ def _png_size(f):
     return struct.unpack('>II', head[16:24])
 
 
+def _jpeg_marker(f, budget: int) -> tuple[int | None, int]:
+    """The next marker code after the file position and the bytes skipped before it: anything but 0xFF, then
+    0xFF fill (decoders skip both between segments). Reads in growing chunks, at most about ``budget`` bytes
+    skipped; the code is None at the end of the file or past the budget. The file is left after the code."""
+    size, skipped, fill = 64, 0, False
+    while skipped <= budget:
+        chunk = f.read(size)
+        if not chunk:
+            return None, skipped
+        if not fill:
+            start = chunk.find(b'\xff')
+            if start < 0:
+                skipped += len(chunk)
+                size = min(2 * size, 2**16)
+                continue
+            skipped += start
+            chunk, fill = chunk[start + 1:], True
+        rest = chunk.lstrip(b'\xff')
+        skipped += len(chunk) - len(rest)
+        if rest:
+            f.seek(1 - len(rest), os.SEEK_CUR)
+            return rest[0], skipped
+        size = min(2 * size, 2**16)
+    return None, skipped
+
+
 def _jpeg_size(f):
     f.seek(2)
+    budget = _JPEG_SKIP
     for _ in range(100_000):                      # segments; a real file reaches its frame header in a few
-        byte = f.read(1)
-        while byte and byte != b'\xff':           # tolerate garbage between segments as decoders do
-            byte = f.read(1)
-        while byte == b'\xff':                    # fill bytes
-            byte = f.read(1)
-        if not byte:
+        marker, skipped = _jpeg_marker(f, budget)
+        budget -= skipped
+        if marker is None:
             return None
-        marker = byte[0]
         if marker in (0x01, *range(0xD0, 0xD9)):  # TEM, RSTn, SOI: no length
             continue
         if marker == 0xD9:                        # EOI before any frame
@@ -89,10 +116,12 @@ def _tiff_size(f):
         if len(entry) < entry_size:
             break
         tag, kind = struct.unpack(order + 'HH', entry[:4])
-        value = entry[12:] if big else entry[8:]
-        fmt = {3: 'H', 4: 'I', 16: 'Q'}.get(kind)
-        if tag in (256, 257) and fmt:
-            dims[tag] = struct.unpack_from(order + fmt, value)[0]
+        if tag not in (256, 257) or tag in dims:      # libtiff keeps the first of duplicate tags, so does this
+            continue
+        fmt = {1: 'B', 3: 'H', 4: 'I', 16: 'Q'}.get(kind)
+        if fmt is None:                               # a type libtiff would read or refuse: not ours to guess
+            return None
+        dims[tag] = struct.unpack_from(order + fmt, entry[12:] if big else entry[8:])[0]
     return (dims[256], dims[257]) if len(dims) == 2 else None
 
 
@@ -185,7 +214,7 @@ def read_image(path: str, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarr
     """
     if not os.path.isfile(path):
         raise ImageError(f'{path}: cannot be read as an image')
-    check_pixels(path, max_pixels)
+    width, height = check_pixels(path, max_pixels)
     try:
         data = np.fromfile(path, dtype=np.uint8)
         img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -198,6 +227,11 @@ def read_image(path: str, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarr
         raise ImageError(f'{path}: cannot be read ({err.strerror or err})') from None
     if img is None:
         raise ImageError(f'{path}: cannot be read as an image')
+    # The limit holds for what was decoded: a header this module reads otherwise than the decoder is refused.
+    # IMREAD_UNCHANGED keeps the stored orientation (no EXIF rotation), so the sizes agree for every valid file.
+    if img.shape[:2] != (height, width):
+        raise ImageError(f'{path}: its header says {width}x{height} pixels but it decodes to '
+                         f'{img.shape[1]}x{img.shape[0]} (a damaged or crafted file)')
     dtype = img.dtype
     if dtype in _MAX:
         img = img.astype(np.float32) / _MAX[dtype]

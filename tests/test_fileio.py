@@ -73,3 +73,37 @@ def test_a_killed_writer_leaves_a_temp_file_that_cleanup_removes_but_a_live_one_
 
     atomic_write(tmp_path / 'b.png', write_while_cleanup_runs, overwrite=False)
     assert sorted(os.listdir(tmp_path)) == ['.user.tmp', 'b.png']
+
+
+def test_a_cleanup_between_creating_and_locking_the_temp_file_does_not_break_the_write(tmp_path, monkeypatch):
+    """A cleanup that runs after the writer created its temporary file but before it took the lock removes that
+    (still unlocked) file; the writer must notice and take a new one, not write into an unlinked file."""
+    real_lock, removed = fileio._lock, []
+
+    def cleanup_first(fd):
+        if not removed:                 # once, at the writer's lock; the cleanup's own lock is the real one
+            removed.append(None)
+            removed[:] = fileio.remove_stale_temp_files(tmp_path)
+        return real_lock(fd)
+
+    monkeypatch.setattr(fileio, '_lock', cleanup_first)
+    atomic_write_bytes(tmp_path / 'a.png', b'data')
+    assert len(removed) == 1 and removed[0].startswith('.a.png.')      # the interleaving did happen
+    assert (tmp_path / 'a.png').read_bytes() == b'data' and os.listdir(tmp_path) == ['a.png']
+
+
+def test_no_overwrite_succeeds_when_the_temporary_name_cannot_be_removed_after_the_link(tmp_path, monkeypatch):
+    """Once the link made the complete file, a failing removal of the temporary name is no failed write."""
+    real_remove = os.remove
+
+    def remove(path, *a, **kw):
+        if fileio.is_temp_name(os.path.basename(path), of='a.png'):
+            raise PermissionError(13, 'Permission denied', path)
+        return real_remove(path, *a, **kw)
+
+    monkeypatch.setattr(os, 'remove', remove)
+    atomic_write_bytes(tmp_path / 'a.png', b'data', overwrite=False)
+    monkeypatch.undo()
+    assert (tmp_path / 'a.png').read_bytes() == b'data'
+    assert fileio.remove_stale_temp_files(tmp_path) != []     # the left-over name goes at the next cleanup
+    assert os.listdir(tmp_path) == ['a.png']

@@ -373,6 +373,51 @@ def test_header_sizes_of_every_format(tmp_path):
     assert image_io.header_size(str(tmp_path / 'x.pgm')) is None
 
 
+def _tiff_with_widths(widths, height):
+    """An 8-bit gray, uncompressed TIFF whose first page lists ImageWidth once per entry of ``widths``
+    (the decoder, libtiff, takes the first), with pixel data for the widest."""
+    import struct
+    entries = [(256, w) for w in widths] + [(257, height), (258, 8), (259, 1), (262, 1), (273, None), (277, 1),
+                                            (278, height), (279, max(widths) * height)]
+    data_at = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack('<H', len(entries)) + b''.join(
+        struct.pack('<HHII', tag, 4, 1, data_at if value is None else value) for tag, value in entries)
+    return b'II*\x00' + struct.pack('<I', 8) + ifd + struct.pack('<I', 0) + bytes(max(widths) * height)
+
+
+def _jpeg_with_orientation(img, orientation):
+    """A JPEG of ``img`` with an EXIF APP1 segment carrying only the Orientation tag."""
+    import struct
+    exif = b'Exif\x00\x00MM\x00*' + struct.pack('>IHHHIHHI', 8, 1, 274, 3, 1, orientation, 0, 0)
+    data = cv2.imencode('.jpg', img)[1].tobytes()
+    return data[:2] + b'\xff\xe1' + struct.pack('>H', len(exif) + 2) + exif + data[2:]
+
+
+def test_the_pixel_limit_holds_for_the_size_the_decoder_uses(tmp_path, model, capsys, monkeypatch):
+    """A TIFF listing its width twice (200, then 10) is measured as libtiff decodes it (the first: 200x10), so
+    --max-pixels refuses it; a header the decoder disagrees with is refused after decoding; an EXIF-rotated
+    JPEG still reads at its stored size (IMREAD_UNCHANGED does not apply the orientation)."""
+    _, path = model
+    tif = tmp_path / 'dup.tif'
+    tif.write_bytes(_tiff_with_widths([200, 10], 10))
+    assert image_io.header_size(str(tif)) == (200, 10)
+    assert infer('--model', path, '--input', tif, '--output', tmp_path / 'out', '--max-pixels', '1999') == 1
+    assert _errors(capsys) == [f'basicsr infer: error: {tif}: 200x10 = 2,000 pixels is more than the limit of '
+                               '1,999 (a decompression bomb?); raise it with --max-pixels']
+    img, _, _ = image_io.read_image(str(tif), max_pixels=2000)
+    assert img.shape == (10, 200, 1)
+    monkeypatch.setattr(image_io, 'header_size', lambda p: (10, 10))     # a header parse the decoder disagrees with
+    with pytest.raises(image_io.ImageError, match=r'dup.tif: its header says 10x10 pixels but it decodes to 200x10 '
+                                                  r'\(a damaged or crafted file\)$'):
+        image_io.read_image(str(tif))
+    monkeypatch.undo()
+    rotated = tmp_path / 'rotated.jpg'
+    rotated.write_bytes(_jpeg_with_orientation(np.full((13, 17, 3), 90, np.uint8), 6))
+    assert cv2.imread(str(rotated)).shape == (17, 13, 3)                   # the orientation is there
+    assert image_io.header_size(str(rotated)) == (17, 13)
+    assert image_io.read_image(str(rotated))[0].shape == (13, 17, 3)
+
+
 def test_output_folder_problems_stop_before_any_work_and_a_folder_is_never_replaced(tmp_path, model, capsys):
     _, path = model
     cv2.imwrite(str(tmp_path / 'a.png'), np.full((8, 8), 40, np.uint8))
@@ -427,3 +472,34 @@ def test_val_tile_auto_reads_the_same_declaration(tmp_path):
     assert torch.equal(model.output, ref) and not torch.allclose(model.output, whole)
     with pytest.raises(ValueError, match="val:tile must be .* or 'auto', got 'atuo'"):
         build_model(dict(opt, val={'tile': 'atuo', 'metrics': {}}))
+
+
+def test_a_jpeg_header_scan_reads_a_bounded_number_of_bytes(tmp_path, model, capsys):
+    """A JPEG start followed by megabytes without a marker (or of 0xFF fill) is given up after
+    ``image_io._JPEG_SKIP`` bytes, with one line; a few bytes of garbage between segments are still skipped."""
+    import io
+
+    class Counting(io.BytesIO):
+        read_bytes = 0
+
+        def read(self, n=-1):
+            data = super().read(n)
+            self.read_bytes += len(data)
+            return data
+
+    bound = image_io._JPEG_SKIP + 2**16
+    for filler in (b'\x00', b'\xff'):
+        data = b'\xff\xd8' + filler * (4 * 2**20)
+        f = Counting(data)
+        assert image_io._jpeg_size(f) is None and f.read_bytes <= bound, filler
+    _, path = model
+    bad = tmp_path / 'in' / 'bad.jpg'
+    os.makedirs(bad.parent)
+    bad.write_bytes(b'\xff\xd8' + bytes(4 * 2**20))
+    assert infer('--model', path, '--input', bad, '--output', tmp_path / 'out') == 1
+    assert _errors(capsys) == [f'basicsr infer: error: {bad}: cannot be read as an image (not a PNG, JPEG, TIFF, '
+                               'BMP or WebP file, or a damaged header)']
+    jpeg = cv2.imencode('.jpg', np.full((13, 17), 50, np.uint8))[1].tobytes()
+    for junk in (b'\x00' * 5000, b'\xff' * 5000):     # garbage, fill: what decoders skip before a marker
+        f = Counting(jpeg[:2] + junk + jpeg[2:])
+        assert image_io._jpeg_size(f) == (17, 13) and f.read_bytes < 2**16, junk[:1]

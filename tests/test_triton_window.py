@@ -317,6 +317,39 @@ def test_auto_takes_the_triton_step_on_cuda(monkeypatch, caplog):
     assert router.route_network(**net, device=torch.device('cpu')) is Kernel.BANDS
 
 
+def test_every_step_honours_the_logit_memory_the_network_streams_by(monkeypatch, caplog):
+    """``logit_memory`` (NLRN's ``logit_memory_gb``) is the ceiling of the carried logits in the per-step route as in
+    ``route_network``: above the default share, a whole-image run keeps the Triton step carrying logits; below it,
+    steps carry embeddings. The NLRN passes its ceiling down to every step."""
+    import logging
+
+    from nl_plugin.archs.nlrn_arch import NLRN
+    from nl_plugin.ops.nlrn_attention import Kernel, Layout, flex, router
+    monkeypatch.setattr(router, '_available_memory_bytes', lambda device: 8 * 2**30)     # default ceiling 3.2 GiB
+    monkeypatch.setattr(router, '_triton_applies', lambda device: device.type == 'cuda')
+    monkeypatch.setattr(flex, 'available', lambda: True)
+    net = dict(grad=False, training=False, window_size=45, border='exclude', height=768, width=1024, device=_CUDA)
+    step = dict(window_size=45, border='exclude', normalization='softmax', grad=False, shape=(1, 768, 1024),
+                element_size=4, device=_CUDA, carried=None, propagate=True)        # 5.9 GiB of window logits
+    assert router.route_network(**net) is Kernel.BANDS
+    assert tuple(router.route_step(**step)) == (Kernel.FLEX, Layout.TOKENS)
+    ceiling = 7 * 2**30
+    assert router.route_network(**net, logit_memory=ceiling) is None            # the whole image, so ...
+    assert tuple(router.route_step(**step, logit_memory=ceiling)) == (Kernel.TRITON, Layout.IMAGE)
+    training = dict(step, grad=True, shape=(16, 96, 96))                        # 2 x 1.2 GiB
+    assert tuple(router.route_step(**training, logit_memory=2 * 2**30)) == (Kernel.FLEX, Layout.TOKENS)
+    cpu = dict(step, device=torch.device('cpu'))
+    assert tuple(router.route_step(**cpu, logit_memory=ceiling)) == (Kernel.STRIPS, Layout.BLOCKS)
+    assert tuple(router.route_step(**cpu, logit_memory=2**30)) == (Kernel.STRIPS, Layout.EMBEDDINGS)
+    assert tuple(router.route_step(**cpu, logit_memory=2**30, attention_kernel='halo')) == \
+        (Kernel.STRIPS, Layout.EMBEDDINGS)
+    model = NLRN(num_feat=8, num_embed=4, num_steps=2, nl_scope='window', window_size=5, logit_memory_gb=1e-9).eval()
+    model.stream_inference = False
+    with caplog.at_level(logging.DEBUG, logger='nl_plugin'), torch.no_grad():
+        model(torch.rand(1, 1, 12, 13))
+    assert 'step -> strips, carry embeddings' in caplog.text and 'carry blocks' not in caplog.text
+
+
 def test_forced_kernels(monkeypatch):
     from nl_plugin.ops.nlrn_attention import Kernel, Layout, router
     monkeypatch.setattr(router, '_available_memory_bytes', lambda device: 64 * 2**30)

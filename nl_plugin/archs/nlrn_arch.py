@@ -70,13 +70,15 @@ class NLRNStep:
         return h.add_(s0) if inplace else h + s0
 
     def update(self, z: torch.Tensor, s0: torch.Tensor, state: Optional[CorrelationState], propagate: bool,
-               inplace: bool = False,
-               carry_out: Optional[bool] = None) -> Tuple[torch.Tensor, Optional[CorrelationState]]:
+               inplace: bool = False, carry_out: Optional[bool] = None,
+               logit_memory: Optional[int] = None) -> Tuple[torch.Tensor, Optional[CorrelationState]]:
         """The step after ``features`` on the whole image: the new s and the carried correlation.
-        ``carry_out`` False (the last non-local step) reads the carried correlation without passing it on."""
+        ``carry_out`` False (the last non-local step) reads the carried correlation without passing it on;
+        ``logit_memory`` is the network's ceiling in bytes of the carried window logits."""
         if self.block is not None:
             attn, state = self.block.attend(z, state if propagate else None,
-                                            propagate=propagate if carry_out is None else carry_out)
+                                            propagate=propagate if carry_out is None else carry_out,
+                                            logit_memory=logit_memory)
             z = self.add_attention(z, attn, inplace)
             del attn
         h = self.hidden(z)
@@ -122,9 +124,10 @@ class NLRN(nn.Module):
             weights; a state dict of another range is converted on load (``nlrn_layout``). Default: 255.
         attention_kernel (str): Kernel of the non-local steps: 'auto' (on CUDA the fused Triton window step),
             'triton', 'flex', 'halo' (window scope) or 'dense' (``WindowedNonLocalBlock``). Default: 'auto'.
-        logit_memory_gb (float, optional): Window-scope inference with the Triton step streams bands of rows
-            through all steps once the whole image's fp32 carried logits would exceed this many GB. Default:
-            None (40% of the free device memory, ``router.LOGIT_MEMORY_SHARE``).
+        logit_memory_gb (float, optional): Ceiling in GB of the carried window logits: window-scope inference with
+            the Triton step streams bands of rows through all steps once the whole image's fp32 logits would exceed
+            it, and a step on the whole image carries embeddings instead of logits past it. Default: None (40% of
+            the free device memory, ``router.LOGIT_MEMORY_SHARE``).
     """
 
     def __init__(self, num_in_ch: int = 1, num_out_ch: int = 1, num_feat: int = 128, num_embed: int = 64,
@@ -238,6 +241,6 @@ class NLRN(nn.Module):
             z = step.features(s, inplace=lean)
             del s      # s and z are dropped as early as possible: a step peaks at the attention
             s, state = step.update(z, s0, state, self.propagate_correlation, inplace=lean,
-                                   carry_out=False if t == last_nl else None)
+                                   carry_out=False if t == last_nl else None, logit_memory=logit_memory)
             del z
         return self.head(x, s) / self.img_range

@@ -124,14 +124,15 @@ class WindowedNonLocalBlock(nn.Module):
             k = q if self.phi is None else self._conv_cl(x_cl, self.phi) if key_value else None
         return ((q, ) if query else ()) + ((k, self._conv_cl(x_cl, self.g)) if key_value else ())
 
-    def attend(self, x: torch.Tensor, state: Optional[CorrelationState] = None,
-               propagate: bool = True) -> Tuple[torch.Tensor, Optional[CorrelationState]]:
+    def attend(self, x: torch.Tensor, state: Optional[CorrelationState] = None, propagate: bool = True,
+               logit_memory: Optional[int] = None) -> Tuple[torch.Tensor, Optional[CorrelationState]]:
         """Attention term ``A g`` and the new correlation state.
 
         Args:
             x (Tensor): (B, C, H, W) features.
             state (CorrelationState, optional): From the previous step.
             propagate (bool): Return a state for the next step.
+            logit_memory (int, optional): Ceiling in bytes of the carried window logits (``propagated_attention``).
 
         Returns:
             tuple[Tensor, CorrelationState | None]: (B, C, H, W) and the state.
@@ -140,7 +141,8 @@ class WindowedNonLocalBlock(nn.Module):
             raise ValueError(f'WindowedNonLocalBlock expects (B, {self.num_feat}, H, W), got {tuple(x.shape)}')
         q, k, v = self.embed(x.permute(0, 2, 3, 1))
         out, state = propagated_attention(q, k, v, state, self.attention_window, self.border, self.normalization,
-                                          propagate=propagate, attention_kernel=self.attention_kernel)
+                                          propagate=propagate, attention_kernel=self.attention_kernel,
+                                          logit_memory=logit_memory)
         return out.permute(0, 3, 1, 2), state
 
     def forward(self, x: torch.Tensor, state: Optional[CorrelationState] = None,

@@ -124,8 +124,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
 
 def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[CorrelationState] = None,
                          window_size: Optional[int] = None, border: str = 'exclude', normalization: str = 'softmax',
-                         propagate: bool = True,
-                         attention_kernel: str = 'auto') -> Tuple[torch.Tensor, Optional[CorrelationState]]:
+                         propagate: bool = True, attention_kernel: str = 'auto',
+                         logit_memory: Optional[int] = None) -> Tuple[torch.Tensor, Optional[CorrelationState]]:
     """One non-local step with correlation propagation; the function a network calls per step.
 
     The carried representation (dense logits, window logits or concatenated embeddings, see
@@ -141,6 +141,8 @@ def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
             carried logits are read, not written).
         attention_kernel (str): 'auto' (the router chooses), or a kernel family to force: 'triton', 'flex',
             'halo' (window scope) or 'dense' (see ``router.ATTENTION_KERNELS``).
+        logit_memory (int, optional): Ceiling in bytes of the carried window logits (``router.route_step``;
+            default ``router.LOGIT_MEMORY_SHARE`` of the free device memory).
 
     Returns:
         tuple[Tensor, CorrelationState | None]: out (B, H, W, C) and the new state.
@@ -152,7 +154,7 @@ def propagated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat
     grad = requires_grad(q, k, v) if state is None else requires_grad(q, k, v, state.q, state.k, state.logits)
     route = route_step(window_size=window_size, border=border, normalization=normalization, grad=grad,
                        shape=tuple(q.shape[:3]), element_size=_logit_size(q), device=q.device, carried=carried,
-                       propagate=propagate, attention_kernel=attention_kernel)
+                       propagate=propagate, attention_kernel=attention_kernel, logit_memory=logit_memory)
     if route.kernel is Kernel.DENSE_LOGITS:
         out, logits = dense_logits_step(q, k, v, None if state is None else state.logits, window_size, border,
                                         normalization)

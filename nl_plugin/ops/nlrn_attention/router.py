@@ -137,7 +137,7 @@ def _logits_fit(need: int, device: torch.device, logit_memory: Optional[int] = N
 
 
 def _forced_route(attention_kernel, window_size, border, normalization, grad, shape, element_size, device, carried,
-                  propagate):
+                  propagate, logit_memory=None):
     """The route of an explicit ``attention_kernel`` (window scope, or 'dense' in either scope)."""
     b, h, w = shape
     if attention_kernel == 'dense':
@@ -165,16 +165,16 @@ def _forced_route(attention_kernel, window_size, border, normalization, grad, sh
     if carried not in (None, Layout.EMBEDDINGS):
         raise ValueError(f"attention_kernel 'halo' carries window logits or embeddings, got a {carried.value} state")
     if carried is None and propagate and \
-            _logits_fit(b * h * w * window_geometry(h, w, window_size, border).p * element_size, device):
+            _logits_fit(b * h * w * window_geometry(h, w, window_size, border).p * element_size, device, logit_memory):
         return Route(kernel, Layout.IMAGE if grad else Layout.BLOCKS)
     return Route(kernel, Layout.EMBEDDINGS)
 
 
 def _step_route(window_size, border, normalization, grad, shape, element_size, device, carried, propagate,
-                attention_kernel='auto'):
+                attention_kernel='auto', logit_memory=None):
     if attention_kernel == 'dense' or (attention_kernel != 'auto' and window_size is not None):
         return _forced_route(attention_kernel, window_size, border, normalization, grad, shape, element_size, device,
-                             carried, propagate)
+                             carried, propagate, logit_memory)
     b, h, w = shape
     n = h * w
     if carried is Layout.TOKENS:
@@ -199,14 +199,14 @@ def _step_route(window_size, border, normalization, grad, shape, element_size, d
     if kernel is Kernel.TRITON:
         # Training keeps the logits and their gradient: twice the carried tensor.
         need = b * n * window_geometry(h, w, window_size, border).p * element_size * (2 if grad else 1)
-        if not propagate or _logits_fit(need, device):
+        if not propagate or _logits_fit(need, device, logit_memory):
             return Route(kernel, Layout.IMAGE)
         kernel = _window_kernel(grad, normalization, n, False, False, device, triton=False)
     if kernel is Kernel.FLEX:
         return Route(kernel, Layout.TOKENS)
     if kernel is not Kernel.MASKED_SDPA and carried is None and propagate:
         need = b * n * window_geometry(h, w, window_size, border).p * element_size
-        if _logits_fit(need, device):
+        if _logits_fit(need, device, logit_memory):
             kernel = _window_kernel(grad, normalization, n, False, True, device, triton=False)
             return Route(kernel, Layout.IMAGE if grad else Layout.BLOCKS)
     return Route(kernel, Layout.EMBEDDINGS)
@@ -214,16 +214,16 @@ def _step_route(window_size, border, normalization, grad, shape, element_size, d
 
 def route_step(*, window_size: Optional[int], border: str, normalization: str, grad: bool,
                shape: Tuple[int, int, int], element_size: int, device: torch.device, carried: Optional[Layout],
-               propagate: bool, attention_kernel: str = 'auto') -> Route:
+               propagate: bool, attention_kernel: str = 'auto', logit_memory: Optional[int] = None) -> Route:
     """Kernel of one propagated non-local step and the representation it carries (``propagated_attention``).
 
     Dense (B, N, N) logits while autograd records and they take at most ``DENSE_LOGIT_BYTES`` (NLRN's
     43x43 training patches, any scope); the whole-tensor kernels in the global scope (on CUDA SDPA
     picks its flash / memory-efficient kernels); in the window scope fused masked SDPA for small images
     with autograd (carrying embeddings); else on CUDA the fused Triton step carrying image-layout window
-    logits while they fit in memory (twice over with autograd, for their gradient); else, for softmax on CUDA,
-    FlexAttention carrying embeddings in its token order; else a halo kernel carrying window logits while they
-    fit in memory, embeddings otherwise. An explicit ``attention_kernel`` forces its kernel family in the window
+    logits while they fit the memory ceiling (twice over with autograd, for their gradient); else, for softmax on
+    CUDA, FlexAttention carrying embeddings in its token order; else a halo kernel carrying window logits while they
+    fit the ceiling, embeddings otherwise. An explicit ``attention_kernel`` forces its kernel family in the window
     scope ('dense' in either scope); a kernel that cannot run here is refused with one line saying why.
 
     Args:
@@ -236,13 +236,15 @@ def route_step(*, window_size: Optional[int], border: str, normalization: str, g
         carried (Layout | None): Layout of the incoming correlation (None at the first step).
         propagate (bool): The step returns a correlation for the next one.
         attention_kernel (str): One of ``ATTENTION_KERNELS`` ('auto': chosen here).
+        logit_memory (int, optional): Ceiling in bytes of the carried window logits, the one ``route_network`` was
+            given (default ``LOGIT_MEMORY_SHARE`` of the free device memory).
 
     Returns:
         Route: kernel and carried layout (None when ``propagate`` is False).
     """
     check_attention_kernel(attention_kernel, window=window_size is not None)
     route = _step_route(window_size, border, normalization, grad, shape, element_size, device, carried, propagate,
-                        attention_kernel)
+                        attention_kernel, logit_memory)
     if not propagate:
         route = route._replace(carry=None)
     if not torch.compiler.is_compiling():
@@ -279,7 +281,8 @@ def route_network(*, grad: bool, training: bool, window_size: Optional[int], bor
         attention_kernel (str): One of ``ATTENTION_KERNELS``.
         batch (int): Images in the batch (the carried logits scale with it).
         logit_memory (int, optional): Ceiling in bytes of the whole image's carried logits before the Triton
-            path streams (default ``LOGIT_MEMORY_SHARE`` of the free device memory).
+            path streams (default ``LOGIT_MEMORY_SHARE`` of the free device memory); give each step's
+            ``route_step`` the same.
     """
     bands = (allow_bands and not grad and not training and window_size is not None and border_rule(border).streams
              and attention_kernel in ('auto', 'halo', 'triton'))
