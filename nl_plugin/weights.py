@@ -32,6 +32,8 @@ import math
 import os
 import pickle
 import re
+import reprlib
+import zipfile
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping
 from copy import deepcopy
@@ -50,6 +52,17 @@ options (dict), the parameter key it came from and the file's path."""
 
 class WeightsError(ValueError):
     """A weight file that cannot be read or does not fit the network (one-line message naming the file)."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def _short(value: object) -> str:
+    """``repr`` of a value a file gave, cut short: messages stay one short line whatever the file holds
+    (multi-MB strings, containers nested deeper than ``repr`` can recurse)."""
+    return _REPR.repr(value)
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -202,6 +215,8 @@ def _read_pth(path):
     if magic != b'PK\x03\x04' and magic[:1] != b'\x80':   # torch.save writes a zip archive (legacy: a pickle)
         raise WeightsError(f'{path}: cannot be read as a PyTorch weight file (neither a zip archive nor a pickle; '
                            f'starts with {magic!r})')
+    if magic == b'PK\x03\x04':
+        _check_stored(path)
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise WeightsError(f'{path}: holds a {type(obj).__name__}, not a state dict')
@@ -212,6 +227,42 @@ def _read_pth(path):
             raise WeightsError(f'{path}: no state dict found (top-level keys: {sorted(obj)[:10]})')
         dicts = {'params': tensors}
     return dicts, obj.get(ARCH_KEY), obj.get(PIPELINE_KEY) or {}
+
+
+def _check_stored(path):
+    """torch.save stores a zip's records uncompressed; torch.load also inflates deflated ones, so a few KB could
+    unpack to GBs before any check runs: refuse compressed records, reading only the zip's directory."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise WeightsError(f'{path}: cannot be read as a PyTorch weight file ({err})') from None
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise WeightsError(f'{path}: record {_short(packed[0])} is compressed, which torch.save never writes; '
+                           'the file is refused (it could unpack to far more memory than it holds)')
+
+
+def _view(t: torch.Tensor) -> tuple:
+    """What makes two tensors the same memory: storage, offset, shape, strides, dtype."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+
+def _check_backed(dicts: Mapping[str, Mapping[str, torch.Tensor]], path: str) -> None:
+    """Every element of every tensor is backed by its own bytes of the file: a tensor with stride 0, or views
+    that overlap, keep their full shape and would pass the shape check, and the network built for them would
+    allocate GBs for a file of KBs. The same view under two names (tied weights) counts once here;
+    :func:`check_fits` refuses it where the network does not tie those weights."""
+    views, storages = {}, {}
+    for sd in dicts.values():
+        for t in sd.values():
+            views[_view(t)] = t.numel() * t.element_size()
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    claimed = sum(views.values())
+    held = sum(storages.values())
+    if claimed > held:
+        raise WeightsError(f'{path}: its tensors claim {claimed} bytes but the file holds {held} of them (tensors '
+                           'with stride 0 or overlapping views); the file is refused')
 
 
 def _read_safetensors(path):
@@ -269,6 +320,7 @@ def read_all(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]
     if bad:
         raise WeightsError(f'{path}: entry {bad[0]!r} is not a state dict of tensors')
     dicts = {pk: strip_module_prefix(sd) for pk, sd in dicts.items()}
+    _check_backed(dicts, path)
     _check_finite(dicts, path)
     return dicts, arch, dict(pipeline) if isinstance(pipeline, dict) else {}
 
@@ -624,11 +676,16 @@ def check_fits(spec: Mapping, state_dicts: Mapping[str, Mapping[str, torch.Tenso
     n = max(len(sd) for sd in state_dicts.values())
     meta = _build_for(spec, path, device='meta', max_objects=8 * n + 256, budget_what=f'{path} does not fit '
                       f'{describe(spec)}')
+    own = {id(t): t.numel() for t in meta.state_dict(keep_vars=True).values()}   # tied weights count once
     for key, sd in state_dicts.items():
+        label = f' ({key})' if len(state_dicts) > 1 else ''
         report = mismatch_report(meta, sd)
         if report:
-            label = f' ({key})' if len(state_dicts) > 1 else ''
             raise WeightsError(f'{path}{label} does not fit {describe(spec)}: {report}')
+        held = sum(t.numel() for t in {_view(t): t for t in sd.values()}.values())
+        if sum(own.values()) > held:   # one view of the file under several names the network does not tie
+            raise WeightsError(f'{path}{label}: {describe(spec)} has {sum(own.values())} distinct weights but the '
+                               f'file holds {held}; the file is refused')
 
 
 def load_network(path: str | os.PathLike, arch_type: str | None = None, arch_opt: Mapping | None = None,

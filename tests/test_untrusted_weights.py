@@ -2,10 +2,12 @@
 refused, and ``convert_weights`` without safetensors. Each refusal is one line naming the file; ``basicsr infer``
 runs through its console script where the process itself is what is checked (code, memory)."""
 import inspect
+import math
 import os
 import resource
 import subprocess
 import sys
+import zipfile
 
 import cv2
 import numpy as np
@@ -228,3 +230,48 @@ def test_every_shipped_option_file_writes_weights_that_load_by_their_arch_entry(
         for key, net_opt in opt.items():
             if key.startswith('network_'):
                 weights.check_file_arch(weights.arch_from_opt(net_opt), f'{path}:{key}')
+
+
+# ---------------------------------------------------------------------------------------------- review findings
+def _dncnn_tensors(num_feat, depth, make):
+    """DnCNN's keys and shapes, each float tensor made by ``make(shape)`` (the others as they are)."""
+    with torch.device('meta'):
+        net = ARCH_REGISTRY.get('DnCNN')(num_feat=num_feat, depth=depth).state_dict()
+    return {k: make(v.shape) if v.is_floating_point() else torch.zeros((), dtype=v.dtype) for k, v in net.items()}
+
+
+def test_tensors_the_files_bytes_do_not_hold_are_refused(tmp_path):
+    """Stride-0 tensors (28 KB for DnCNN(num_feat=1024, depth=17), 566 MB of weights), many tensors viewing one
+    storage, and a deflated zip claim memory the file does not hold: refused in the reader, naming the file,
+    before any network is built."""
+    strided = tmp_path / 'strided.pth'
+    torch.save({'params': _dncnn_tensors(1024, 17, lambda s: torch.zeros(()).expand(s)),
+                'arch': {'type': 'DnCNN', 'num_feat': 1024, 'depth': 17}}, strided)
+    assert os.path.getsize(strided) < 32 * 1024
+    arch = {'type': 'DnCNN', 'num_feat': 64, 'depth': 3}
+    shared_storage = torch.zeros(64 * 64 * 9)
+    shared = tmp_path / 'shared.pth'
+    torch.save({'params': _dncnn_tensors(64, 3, lambda s: shared_storage[:math.prod(s)].view(s)), 'arch': arch},
+               shared)
+    for path in (strided, shared):
+        with pytest.raises(weights.WeightsError, match=rf'^{path}: its tensors claim \d+ bytes but the file holds '
+                                                       r'\d+ of them'):
+            weights.load_network(path)
+    one = torch.zeros(64, 64, 3, 3)     # one view under every name of that shape: the network would not tie them
+    tied = tmp_path / 'tied.pth'
+    torch.save({'params': _dncnn_tensors(64, 4, lambda s: one if s == one.shape else torch.zeros(s)),
+                'arch': dict(arch, depth=4)}, tied)
+    with pytest.raises(weights.WeightsError, match=rf'^{tied}: DnCNN\(num_feat=64, depth=4\) has \d+ distinct '
+                                                   r'weights but the file holds \d+'):
+        weights.load_network(tied)
+    good = tmp_path / 'good.pth'
+    net = ARCH_REGISTRY.get('DnCNN')(num_feat=8, depth=3)
+    weights.save_weights(net.state_dict(), str(good), arch=DNCNN)
+    deflated = tmp_path / 'deflated.pth'
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(deflated, 'w', zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(weights.WeightsError, match=rf'^{deflated}: .*compressed'):
+        weights.read_all(deflated)
+    loaded, _, _ = weights.load_network(good)       # a plain file still loads, bit for bit
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
