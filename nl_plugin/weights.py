@@ -427,7 +427,8 @@ ARG_LIMITS = {
     **dict.fromkeys(('depth', 'num_steps', 'num_stages', 'num_block', 'num_group', 'num_conv', 'nonlocal_every'),
                     (1, 256)),
     **dict.fromkeys(('k', 'patch_size', 'stride', 'squeeze_factor'), (1, 64)),
-    **dict.fromkeys(('search_size', 'window_size', 'probe_size'), (1, 512)),
+    **dict.fromkeys(('search_size', 'window_size'), (1, 512)),
+    'probe_size': (1, 128),
     **dict.fromkeys(('upscale', 'scale'), (1, 16)),
 }
 _OTHER_INT_LIMIT = 4096

@@ -81,6 +81,8 @@ def test_a_path_in_the_arch_entry_is_never_loaded(tmp_path):
       'blocks': [{'after': 'body.0', 'type': 'DFDNet', 'dict_path': 'x'}]}, r"blocks\[0\]: type 'DFDNet' may not"),
     ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1, 'num_block': 99999}},
      'num_block=99999 is outside the range'),
+    ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1, 'upscale': 16},
+      'probe_size': 512}, r'probe_size=512 is outside the range a weight file may give \(1\.\.128\)'),
 ])
 def test_arch_entries_outside_the_allow_list_are_refused_in_one_line(tmp_path, capsys, arch, message):
     model = small_file(tmp_path / 'hostile.pth', arch)
@@ -275,3 +277,25 @@ def test_tensors_the_files_bytes_do_not_hold_are_refused(tmp_path):
         weights.read_all(deflated)
     loaded, _, _ = weights.load_network(good)       # a plain file still loads, bit for bit
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_the_injection_probe_computes_shapes_only():
+    """NonLocalInjection reads its insertion shapes from a forward of the base on ``meta``: EDSR at upscale 16
+    with probe_size 64 (a 1024x1024 output) runs no real forward of the base; the identity check of the block
+    runs on the block alone, at its insertion point's shape."""
+    from torch.nn.modules import module as nn_module
+    seen = []
+
+    def record(module, args):
+        seen.extend((type(module).__name__, a.numel()) for a in args if torch.is_tensor(a) and not a.is_meta)
+    handle = nn_module.register_module_forward_pre_hook(record)
+    try:
+        net = ARCH_REGISTRY.get('NonLocalInjection')(
+            {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 16, 'num_block': 1, 'upscale': 16},
+            [{'after': 'body.0', 'type': 'WindowedNonLocalBlock', 'nl_scope': 'window', 'window_size': 5,
+              'num_embed': 4}], probe_size=64)
+    finally:
+        handle.remove()
+    assert net.upscale == 16 and next(net.parameters()).device.type == 'cpu'
+    assert seen and {name for name, _ in seen} <= {'InsertedBlock', 'WindowedNonLocalBlock', 'Conv2d'}, seen
+    assert max(n for _, n in seen) == 16 * 64 * 64
