@@ -537,11 +537,15 @@ def check_file_arch(spec: Mapping, where: str, check_type: bool = True, trusted:
         return
     if args.get('base_param_key', 'params') not in (None, 'params', 'params_ema'):
         raise WeightsError(f'{where}: base_param_key={args["base_param_key"]!r} must be params or params_ema')
-    for key, allowed, entries in (('base', INJECTION_BASES, [args.get('base')] if 'base' in args else []),
-                                  ('blocks', INJECTION_BLOCKS, list(args.get('blocks') or ()))):
-        if key in args and not isinstance(args[key], (dict, list, tuple)) or len(entries) > _MAX_LIST:
-            raise WeightsError(f'{where}: NonLocalInjection {key}={args[key]!r} is not a mapping or a list of at '
-                               f'most {_MAX_LIST} blocks; {_HINT}')
+    if 'base' in args and not isinstance(args['base'], dict):
+        raise WeightsError(f'{where}: NonLocalInjection base={args["base"]!r} is not a mapping '
+                           f'{{"type": NAME, ...}}; {_HINT}')
+    blocks = args.get('blocks') or []
+    if not isinstance(blocks, (list, tuple)) or len(blocks) > _MAX_LIST:
+        raise WeightsError(f'{where}: NonLocalInjection blocks={blocks!r} is not a list of at most {_MAX_LIST} '
+                           f'blocks; {_HINT}')
+    for key, allowed, entries in (('base', INJECTION_BASES, [args['base']] if 'base' in args else []),
+                                  ('blocks', INJECTION_BLOCKS, blocks)):
         for i, entry in enumerate(entries):
             at = f'{where}: NonLocalInjection {key}' + (f'[{i}]' if key == 'blocks' else '')
             if not isinstance(entry, dict) or not isinstance(entry.get('type'), str):

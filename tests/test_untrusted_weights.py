@@ -83,6 +83,10 @@ def test_a_path_in_the_arch_entry_is_never_loaded(tmp_path):
      'num_block=99999 is outside the range'),
     ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR', 'num_in_ch': 1, 'num_out_ch': 1, 'upscale': 16},
       'probe_size': 512}, r'probe_size=512 is outside the range a weight file may give \(1\.\.128\)'),
+    ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR'}, 'blocks': 5}, 'blocks=5 is not a list of at most 16'),
+    ({'type': 'NonLocalInjection', 'base': {'type': 'EDSR'}, 'blocks': {'after': 'body.0', 'type': 'N3Block'}},
+     r"blocks=\{'after': 'body.0', 'type': 'N3Block'\} is not a list"),
+    ({'type': 'NonLocalInjection', 'base': [{'type': 'EDSR'}]}, r"base=\[\{'type': 'EDSR'\}\] is not a mapping"),
 ])
 def test_arch_entries_outside_the_allow_list_are_refused_in_one_line(tmp_path, capsys, arch, message):
     model = small_file(tmp_path / 'hostile.pth', arch)
@@ -299,3 +303,4 @@ def test_the_injection_probe_computes_shapes_only():
     assert net.upscale == 16 and next(net.parameters()).device.type == 'cpu'
     assert seen and {name for name, _ in seen} <= {'InsertedBlock', 'WindowedNonLocalBlock', 'Conv2d'}, seen
     assert max(n for _, n in seen) == 16 * 64 * 64
+
