@@ -220,11 +220,12 @@ def _read_pth(path):
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise WeightsError(f'{path}: holds a {type(obj).__name__}, not a state dict')
-    dicts = {k: v for k, v in obj.items() if k in PARAM_KEYS or (isinstance(v, dict) and k.startswith('params'))}
+    dicts = {k: v for k, v in obj.items() if isinstance(k, str) and (k in PARAM_KEYS or (isinstance(v, dict)
+                                                                                          and k.startswith('params')))}
     if not dicts:
         tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
         if not tensors:
-            raise WeightsError(f'{path}: no state dict found (top-level keys: {sorted(obj)[:10]})')
+            raise WeightsError(f'{path}: no state dict found (top-level keys: {_short(sorted(map(str, obj)))})')
         dicts = {'params': tensors}
     return dicts, obj.get(ARCH_KEY), obj.get(PIPELINE_KEY) or {}
 
@@ -276,17 +277,36 @@ def _read_safetensors(path):
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is no dict)
     except Exception as err:  # noqa: BLE001
         raise WeightsError(f'{path}: cannot be read as a safetensors file ({err})') from None
-    try:
-        arch = json.loads(meta[ARCH_KEY]) if ARCH_KEY in meta else None
-        pipeline = json.loads(meta[PIPELINE_KEY]) if PIPELINE_KEY in meta else {}
-        keys = json.loads(meta['param_keys']) if 'param_keys' in meta else None
-    except json.JSONDecodeError as err:
-        raise WeightsError(f'{path}: bad JSON in the safetensors header ({err})') from None
-    if keys:
+    arch, pipeline, keys = (_header_json(path, meta, k) for k in (ARCH_KEY, PIPELINE_KEY, 'param_keys'))
+    if keys is not None:
+        if not (isinstance(keys, list) and keys and len(keys) <= _MAX_LIST and all(map(_is_param_key, keys))):
+            raise WeightsError(f'{path}: param_keys={_short(keys)} is not a list of parameter keys (params, '
+                               'params_ema, params_*) in the safetensors header')
         dicts = {pk: {k[len(pk) + 1:]: v for k, v in tensors.items() if k.startswith(pk + '.')} for pk in keys}
     else:
-        dicts = {meta.get('param_key', 'params'): tensors}
-    return dicts, arch, pipeline
+        key = meta.get('param_key', 'params')
+        if not _is_param_key(key):
+            raise WeightsError(f'{path}: param_key={_short(key)} is not a parameter key (params, params_ema, '
+                               'params_*) in the safetensors header')
+        dicts = {key: tensors}
+    return dicts, arch, {} if pipeline is None else pipeline
+
+
+def _is_param_key(key: object) -> bool:
+    return isinstance(key, str) and (key in PARAM_KEYS or key.startswith('params')) and len(key) <= _MAX_STR
+
+
+def _header_json(path, meta, key):
+    """The JSON value of a safetensors header entry (None when absent); one line for what is no JSON or is
+    nested deeper than Python's parser recurses."""
+    if key not in meta:
+        return None
+    try:
+        return json.loads(meta[key])
+    except RecursionError:
+        raise WeightsError(f'{path}: bad JSON in the safetensors header ({key}: nested too deep)') from None
+    except ValueError as err:
+        raise WeightsError(f'{path}: bad JSON in the safetensors header ({key}: {err})') from None
 
 
 def _check_finite(dicts: Mapping[str, Mapping[str, torch.Tensor]], path: str) -> None:
@@ -316,9 +336,10 @@ def read_all(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]
     dicts, arch, pipeline = reader(path)
     if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get('type'), str)):
         raise WeightsError(f'{path}: bad "{ARCH_KEY}" entry {arch!r} (expected {{"type": NAME, ...}})')
-    bad = [pk for pk, sd in dicts.items() if not isinstance(sd, dict) or not all(map(torch.is_tensor, sd.values()))]
+    bad = [pk for pk, sd in dicts.items() if not isinstance(sd, dict) or not all(map(torch.is_tensor, sd.values()))
+           or not all(isinstance(k, str) for k in sd)]
     if bad:
-        raise WeightsError(f'{path}: entry {bad[0]!r} is not a state dict of tensors')
+        raise WeightsError(f'{path}: entry {_short(bad[0])} is not a state dict of tensors named by text')
     dicts = {pk: strip_module_prefix(sd) for pk, sd in dicts.items()}
     _check_backed(dicts, path)
     _check_finite(dicts, path)

@@ -304,3 +304,38 @@ def test_the_injection_probe_computes_shapes_only():
     assert seen and {name for name, _ in seen} <= {'InsertedBlock', 'WindowedNonLocalBlock', 'Conv2d'}, seen
     assert max(n for _, n in seen) == 16 * 64 * 64
 
+
+def _safetensors_file(path, metadata):
+    safetensors_torch = pytest.importorskip('safetensors.torch')
+    tensors = ARCH_REGISTRY.get('DnCNN')(num_feat=8, depth=3).state_dict()
+    safetensors_torch.save_file(tensors, str(path), metadata={'format': 'pt', **metadata})
+    return str(path)
+
+
+DEEP = '[' * 100_000 + ']' * 100_000
+
+
+def test_pth_keys_that_are_no_text_are_refused_in_one_line(tmp_path):
+    for obj, message in (({5: {'w': torch.zeros(1)}, 'x': 1}, r"no state dict found \(top-level keys: \['5', 'x'\]\)"),
+                         ({'params': {5: torch.zeros(1)}}, "entry 'params' is not a state dict of tensors named")):
+        torch.save(obj, tmp_path / 'odd.pth')
+        with pytest.raises(weights.WeightsError, match=message):
+            weights.read_all(tmp_path / 'odd.pth')
+
+
+@pytest.mark.parametrize('metadata, message', [
+    ({'param_keys': '5'}, r"param_keys=5 is not a list of parameter keys"),
+    ({'param_keys': '["params", 5]'}, r"param_keys=\['params', 5\] is not a list of parameter keys"),
+    ({'param_keys': '["weights"]'}, r"param_keys=\['weights'\] is not a list of parameter keys"),
+    ({'arch': DEEP}, r'bad JSON in the safetensors header \(arch: nested too deep\)'),
+    ({'pipeline': DEEP}, r'bad JSON in the safetensors header \(pipeline: nested too deep\)'),
+])
+def test_malformed_headers_and_hostile_values_give_one_short_line(tmp_path, metadata, message):
+    """A safetensors header is JSON from anywhere: any nesting, any length, any type; refused in one line of
+    at most a few hundred characters that names the file."""
+    path = _safetensors_file(tmp_path / 'hostile.safetensors', metadata)
+    with pytest.raises(weights.WeightsError) as err:
+        weights.load_network(path)
+    msg = str(err.value)
+    assert msg.startswith(f'{path}:') and '\n' not in msg and len(msg) < 400, msg[:1000]
+    assert __import__('re').search(message, msg), msg
