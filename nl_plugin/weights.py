@@ -315,7 +315,7 @@ def _check_finite(dicts: Mapping[str, Mapping[str, torch.Tensor]], path: str) ->
         for name, t in sd.items():
             if torch.is_tensor(t) and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
                 where = name if len(dicts) == 1 else f'{pk}.{name}'
-                raise WeightsError(f'{path}: tensor {where!r} holds NaN or Inf values; the file is refused '
+                raise WeightsError(f'{path}: tensor {_short(where)} holds NaN or Inf values; the file is refused '
                                    '(a diverged or damaged training run?)')
 
 
@@ -335,7 +335,7 @@ def read_all(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]
     reader = _read_safetensors if format_of(path) == 'safetensors' else _read_pth
     dicts, arch, pipeline = reader(path)
     if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get('type'), str)):
-        raise WeightsError(f'{path}: bad "{ARCH_KEY}" entry {arch!r} (expected {{"type": NAME, ...}})')
+        raise WeightsError(f'{path}: bad "{ARCH_KEY}" entry {_short(arch)} (expected {{"type": NAME, ...}})')
     bad = [pk for pk, sd in dicts.items() if not isinstance(sd, dict) or not all(map(torch.is_tensor, sd.values()))
            or not all(isinstance(k, str) for k in sd)]
     if bad:
@@ -362,7 +362,7 @@ def read_weights(path: str | os.PathLike, param_key: str | None = None) -> Weigh
     if param_key is None:
         param_key = 'params_ema' if 'params_ema' in dicts else next(iter(dicts))
     if param_key not in dicts:
-        raise WeightsError(f'{path}: no parameter key {param_key!r}; the file has {sorted(dicts)}')
+        raise WeightsError(f'{path}: no parameter key {param_key!r}; the file has {_short(sorted(dicts))}')
     return Weights(dicts[param_key], arch, pipeline, param_key, str(path))
 
 
@@ -387,7 +387,7 @@ def read_state_dict(path: str | os.PathLike, param_key: str | None = 'params',
     if key not in dicts and 'params' in dicts:
         key = 'params'
     if key not in dicts:
-        raise WeightsError(f'{prefix}{path}: no {param_key!r} entry (the file has {sorted(dicts)})')
+        raise WeightsError(f'{prefix}{path}: no {param_key!r} entry (the file has {_short(sorted(dicts))})')
     return dicts[key], key
 
 
@@ -469,7 +469,7 @@ def _registry_name(name: str) -> str:
 def _check_value(key: str, value: object, default: object, where: str) -> None:
     """One constructor argument from a file: a plain value of the default's kind, in range, not a path."""
     def refuse(why):
-        raise WeightsError(f'{where}: {key}={value!r} {why}; {_HINT}')
+        raise WeightsError(f'{where}: {key}={_short(value)} {why}; {_HINT}')
 
     if _PATH_NAME.search(key) and value is not None:
         hint = ' (the file holds the trained base: add --arch-opt base_pretrained=null)' \
@@ -519,7 +519,7 @@ def _check_args(cls: type, spec: Mapping, where: str, skip: tuple = ()) -> None:
         if key == 'type' or key in skip:
             continue
         if key not in params:
-            raise WeightsError(f'{where}: {key!r} is not an argument of {cls.__name__} '
+            raise WeightsError(f'{where}: {_short(key)} is not an argument of {cls.__name__} '
                                f'(its arguments: {", ".join(params)}); {_HINT}')
         _check_value(key, value, params[key].default, where)
 
@@ -545,7 +545,7 @@ def check_file_arch(spec: Mapping, where: str, check_type: bool = True, trusted:
     import nl_plugin  # noqa: F401  (registers the archs)
     kind = str(spec['type'])
     if check_type and _registry_name(kind) not in FILE_ARCHS:
-        raise WeightsError(f'{where}: the file asks for architecture {kind!r}, which a weight file may not name '
+        raise WeightsError(f'{where}: the file asks for architecture {_short(kind)}, which a weight file may not name '
                            f'(allowed: {", ".join(FILE_ARCHS)}); {_HINT}')
     try:
         cls = ARCH_REGISTRY.get(kind)
@@ -557,22 +557,22 @@ def check_file_arch(spec: Mapping, where: str, check_type: bool = True, trusted:
     if not nested:
         return
     if args.get('base_param_key', 'params') not in (None, 'params', 'params_ema'):
-        raise WeightsError(f'{where}: base_param_key={args["base_param_key"]!r} must be params or params_ema')
+        raise WeightsError(f'{where}: base_param_key={_short(args["base_param_key"])} must be params or params_ema')
     if 'base' in args and not isinstance(args['base'], dict):
-        raise WeightsError(f'{where}: NonLocalInjection base={args["base"]!r} is not a mapping '
+        raise WeightsError(f'{where}: NonLocalInjection base={_short(args["base"])} is not a mapping '
                            f'{{"type": NAME, ...}}; {_HINT}')
     blocks = args.get('blocks') or []
     if not isinstance(blocks, (list, tuple)) or len(blocks) > _MAX_LIST:
-        raise WeightsError(f'{where}: NonLocalInjection blocks={blocks!r} is not a list of at most {_MAX_LIST} '
+        raise WeightsError(f'{where}: NonLocalInjection blocks={_short(blocks)} is not a list of at most {_MAX_LIST} '
                            f'blocks; {_HINT}')
     for key, allowed, entries in (('base', INJECTION_BASES, [args['base']] if 'base' in args else []),
                                   ('blocks', INJECTION_BLOCKS, blocks)):
         for i, entry in enumerate(entries):
             at = f'{where}: NonLocalInjection {key}' + (f'[{i}]' if key == 'blocks' else '')
             if not isinstance(entry, dict) or not isinstance(entry.get('type'), str):
-                raise WeightsError(f'{at}: {entry!r} is not {{"type": NAME, ...}}; {_HINT}')
+                raise WeightsError(f'{at}: {_short(entry)} is not {{"type": NAME, ...}}; {_HINT}')
             if _registry_name(entry['type']) not in allowed:
-                raise WeightsError(f'{at}: type {entry["type"]!r} may not be named by a weight file '
+                raise WeightsError(f'{at}: type {_short(entry["type"])} may not be named by a weight file '
                                    f'(allowed: {", ".join(allowed)}); {_HINT}')
             try:
                 entry_cls = ARCH_REGISTRY.get(entry['type'])
@@ -580,7 +580,7 @@ def check_file_arch(spec: Mapping, where: str, check_type: bool = True, trusted:
                 raise WeightsError(f'{at}: {err.args[0]}') from None
             _check_args(entry_cls, {k: v for k, v in entry.items() if k != 'after'}, at)
             if key == 'blocks' and not (isinstance(entry.get('after'), str) and len(entry['after']) <= 256):
-                raise WeightsError(f'{at}: after={entry.get("after")!r} is not a submodule name')
+                raise WeightsError(f'{at}: after={_short(entry.get("after"))} is not a submodule name')
 
 
 def resolve_arch(weights: Weights, arch_type: str | None = None, arch_opt: Mapping | None = None,

@@ -2,6 +2,7 @@
 refused, and ``convert_weights`` without safetensors. Each refusal is one line naming the file; ``basicsr infer``
 runs through its console script where the process itself is what is checked (code, memory)."""
 import inspect
+import json
 import math
 import os
 import resource
@@ -329,6 +330,13 @@ def test_pth_keys_that_are_no_text_are_refused_in_one_line(tmp_path):
     ({'param_keys': '["weights"]'}, r"param_keys=\['weights'\] is not a list of parameter keys"),
     ({'arch': DEEP}, r'bad JSON in the safetensors header \(arch: nested too deep\)'),
     ({'pipeline': DEEP}, r'bad JSON in the safetensors header \(pipeline: nested too deep\)'),
+    ({'arch': '[' * 950 + ']' * 950}, r'bad "arch" entry \[\[\[\.\.\.\]\]\]'),
+    ({'arch': json.dumps({'type': 'DnCNN', 'num_feat': json.loads('[' * 950 + ']' * 950)})},
+     r'num_feat=\[\[\[\.\.\.\]\]\] nests containers'),
+    ({'arch': json.dumps({'type': 'DnCNN', 'init': 'x' * 5_000_000})}, r"init='xxx.*' looks like a path"),
+    ({'arch': json.dumps({'type': 'x' * 5_000_000})}, r"architecture 'xxx.*', which a weight file may not name"),
+    ({'arch': json.dumps({'type': 'NonLocalInjection', 'base': {'type': 'EDSR'}, 'blocks': [
+        {'after': 'y' * 5_000_000, 'type': 'N3Block'}]})}, r"after='yyy.*' is not a submodule name"),
 ])
 def test_malformed_headers_and_hostile_values_give_one_short_line(tmp_path, metadata, message):
     """A safetensors header is JSON from anywhere: any nesting, any length, any type; refused in one line of
