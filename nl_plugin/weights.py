@@ -103,6 +103,37 @@ def arch_from_opt(net_opt: Mapping) -> dict:
     if spec['type'] == 'NonLocalInjection':   # the file holds the trained base: the start point is not part of it
         spec.pop('base_pretrained', None)
         spec.pop('base_param_key', None)
+    return drop_runtime_args(spec)
+
+
+def _registered(kind: object) -> type | None:
+    """The class registered as ``kind`` (BasicSR's ``_basicsr`` suffix rule), None if none; no did-you-mean
+    search over what may be a hostile multi-MB name."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    import nl_plugin  # noqa: F401  (registers the archs)
+    if not isinstance(kind, str):
+        return None
+    return ARCH_REGISTRY._obj_map.get(kind) or ARCH_REGISTRY._obj_map.get(f'{kind}_basicsr')
+
+
+def drop_runtime_args(spec: Mapping) -> dict:
+    """``spec`` without the arguments its class declares in ``RUNTIME_ARGS`` (``attention_kernel``,
+    ``logit_memory_gb``: they describe a machine, not a model), also in a ``NonLocalInjection``'s base and blocks."""
+    spec = dict(spec)
+    cls = _registered(spec.get('type'))
+    for key in getattr(cls, 'RUNTIME_ARGS', ()):
+        spec.pop(key, None)
+    if cls is not None and cls.__name__ == 'NonLocalInjection':   # one level: a base is no injection network
+        def drop(entry):
+            if not isinstance(entry, Mapping):
+                return entry
+            keys = getattr(_registered(entry.get('type')), 'RUNTIME_ARGS', ())
+            return {k: v for k, v in entry.items() if k not in keys}
+        if 'base' in spec:
+            spec['base'] = drop(spec['base'])
+        if isinstance(spec.get('blocks'), (list, tuple)):
+            spec['blocks'] = [drop(b) for b in spec['blocks']]
     return spec
 
 
@@ -592,7 +623,8 @@ def resolve_arch(weights: Weights, arch_type: str | None = None, arch_opt: Mappi
     Returns:
         tuple[dict, str]: the spec and where it came from (``'file'``, ``'option'`` or ``'detected'``).
     """
-    spec, source = (dict(weights.arch), 'file') if weights.arch else (None, None)
+    # a file's run-time choices (an older writer stored them) are ignored: the user's --arch-opt or the default
+    spec, source = (drop_runtime_args(weights.arch), 'file') if weights.arch else (None, None)
     if arch_type:
         spec = dict(spec) if spec and spec['type'] == arch_type else {}
         spec['type'], source = arch_type, 'option'
@@ -744,4 +776,5 @@ def load_network(path: str | os.PathLike, arch_type: str | None = None, arch_opt
 
 __all__ = ['save_weights', 'read_weights', 'read_all', 'read_state_dict', 'existing_weight_file', 'load_network',
            'build_network', 'check_fits', 'check_file_arch', 'resolve_arch', 'arch_from_opt', 'mismatch_report',
-           'strip_module_prefix', 'check_save_format', 'to_bytes', 'Weights', 'WeightsError', 'FILE_ARCHS']
+           'strip_module_prefix', 'check_save_format', 'drop_runtime_args', 'to_bytes', 'Weights', 'WeightsError',
+           'FILE_ARCHS']

@@ -347,3 +347,30 @@ def test_malformed_headers_and_hostile_values_give_one_short_line(tmp_path, meta
     msg = str(err.value)
     assert msg.startswith(f'{path}:') and '\n' not in msg and len(msg) < 400, msg[:1000]
     assert __import__('re').search(message, msg), msg
+
+
+def test_run_time_kernel_choices_are_no_part_of_the_model(tmp_path, capsys):
+    """attention_kernel and logit_memory_gb describe a machine: not written to files or training states, ignored
+    where an older file gives them (an NLRN saved with attention_kernel='triton' still runs on the CPU), and a
+    resume after switching them is the same network."""
+    from nl_plugin import checkpoint
+    runtime = {'attention_kernel': 'triton', 'logit_memory_gb': 1e6}
+    nlrn = {'type': 'NLRN', 'num_feat': 4, 'num_embed': 2, 'num_steps': 1, 'nl_scope': 'window', 'window_size': 3}
+    assert ARCH_REGISTRY.get('NLRN').RUNTIME_ARGS == ('attention_kernel', 'logit_memory_gb')
+    assert weights.arch_from_opt(dict(nlrn, **runtime)) == nlrn
+    injected = {'type': 'NonLocalInjection', 'base': dict(nlrn, **runtime), 'blocks': [
+        {'after': 'conv_first', 'type': 'WindowedNonLocalBlock', 'window_size': 3, 'attention_kernel': 'dense'}]}
+    assert weights.arch_from_opt(injected) == {'type': 'NonLocalInjection', 'base': nlrn, 'blocks': [
+        {'after': 'conv_first', 'type': 'WindowedNonLocalBlock', 'window_size': 3}]}
+    net = ARCH_REGISTRY.get('NLRN')(**{k: v for k, v in nlrn.items() if k != 'type'})
+    model = small_file(tmp_path / 'nlrn.pth', dict(nlrn, **runtime), net.state_dict())   # as older files hold them
+    assert infer(tmp_path, model, '--device', 'cpu') == 0, capsys.readouterr().err
+    assert len(os.listdir(tmp_path / 'out')) == 1
+    _, spec, _ = weights.load_network(model, arch_opt={'attention_kernel': 'dense'})
+    assert spec == dict(nlrn, attention_kernel='dense')
+    opt = {'name': 'run', 'network_g': dict(nlrn, attention_kernel='flex'),
+           'path': {'models': str(tmp_path), 'training_states': str(tmp_path)}}
+    (tmp_path / 'net_g_3.pth').write_bytes(b'')
+    old_state = {'iter': 3, 'experiment': 'run', 'networks': {'network_g': dict(nlrn, **runtime)}}
+    checkpoint.check_resume_state(old_state, opt, 'x/3.state')
+    checkpoint.check_resume_state({'iter': 3, **checkpoint.run_identity(dict(opt, network_g=nlrn))}, opt, 'x/3.state')
