@@ -497,6 +497,13 @@ def _registry_name(name: str) -> str:
     return name[:-len('_basicsr')] if name.endswith('_basicsr') else name
 
 
+def _names_allowed(name: str, allowed: tuple) -> bool:
+    """``name`` is one of ``allowed`` or its ``NAME_basicsr`` spelling, and the registry gives the same class for
+    both (another class registered under ``NAME_basicsr`` is not the allowed one)."""
+    plain = _registry_name(name)
+    return plain in allowed and _registered(name) in (None, _registered(plain))
+
+
 def _check_value(key: str, value: object, default: object, where: str) -> None:
     """One constructor argument from a file: a plain value of the default's kind, in range, not a path."""
     def refuse(why):
@@ -575,7 +582,7 @@ def check_file_arch(spec: Mapping, where: str, check_type: bool = True, trusted:
 
     import nl_plugin  # noqa: F401  (registers the archs)
     kind = str(spec['type'])
-    if check_type and _registry_name(kind) not in FILE_ARCHS:
+    if check_type and not _names_allowed(kind, FILE_ARCHS):
         raise WeightsError(f'{where}: the file asks for architecture {_short(kind)}, which a weight file may not name '
                            f'(allowed: {", ".join(FILE_ARCHS)}); {_HINT}')
     try:
@@ -602,7 +609,7 @@ def check_file_arch(spec: Mapping, where: str, check_type: bool = True, trusted:
             at = f'{where}: NonLocalInjection {key}' + (f'[{i}]' if key == 'blocks' else '')
             if not isinstance(entry, dict) or not isinstance(entry.get('type'), str):
                 raise WeightsError(f'{at}: {_short(entry)} is not {{"type": NAME, ...}}; {_HINT}')
-            if _registry_name(entry['type']) not in allowed:
+            if not _names_allowed(entry['type'], allowed):
                 raise WeightsError(f'{at}: type {_short(entry["type"])} may not be named by a weight file '
                                    f'(allowed: {", ".join(allowed)}); {_HINT}')
             try:

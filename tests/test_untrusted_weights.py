@@ -374,3 +374,19 @@ def test_run_time_kernel_choices_are_no_part_of_the_model(tmp_path, capsys):
     old_state = {'iter': 3, 'experiment': 'run', 'networks': {'network_g': dict(nlrn, **runtime)}}
     checkpoint.check_resume_state(old_state, opt, 'x/3.state')
     checkpoint.check_resume_state({'iter': 3, **checkpoint.run_identity(dict(opt, network_g=nlrn))}, opt, 'x/3.state')
+
+
+def test_the_basicsr_suffix_names_only_the_allowed_class(monkeypatch):
+    """BasicSR's registry also finds 'NAME_basicsr': a file may use that spelling only where it is the same class
+    as the allowed NAME."""
+    srvgg = {'type': 'SRVGGNetCompact_basicsr', 'num_in_ch': 1, 'num_out_ch': 1, 'num_feat': 4, 'num_conv': 1}
+    weights.check_file_arch({'type': 'NonLocalInjection', 'base': srvgg}, 'f.pth')      # the same class: allowed
+    with pytest.raises(weights.WeightsError, match="architecture 'UNetDiscriminatorSN_basicsr', which a weight file"):
+        weights.check_file_arch({'type': 'UNetDiscriminatorSN_basicsr', 'num_in_ch': 1}, 'f.pth')
+    monkeypatch.setitem(ARCH_REGISTRY._obj_map, 'EDSR_basicsr', ARCH_REGISTRY.get('UNetDiscriminatorSN'))
+    monkeypatch.setitem(ARCH_REGISTRY._obj_map, 'DnCNN_basicsr', ARCH_REGISTRY.get('UNetDiscriminatorSN'))
+    with pytest.raises(weights.WeightsError, match="base: type 'EDSR_basicsr' may not be named by a weight file"):
+        weights.check_file_arch({'type': 'NonLocalInjection', 'base': {'type': 'EDSR_basicsr', 'num_in_ch': 1}},
+                                'f.pth')
+    with pytest.raises(weights.WeightsError, match="architecture 'DnCNN_basicsr', which a weight file may not name"):
+        weights.check_file_arch({'type': 'DnCNN_basicsr', 'num_in_ch': 1}, 'f.pth')
