@@ -281,7 +281,7 @@ class NonLocalInjection(nn.Module):
         if 'num_out_ch' in params:
             opt.setdefault('num_out_ch', channels)
         block = weights.build_network(dict(opt, type=spec['type']), where=where)
-        out_ch = self._block_out_channels(_on_meta(block, dict(opt, type=spec['type']), where), channels, shape)
+        out_ch = self._block_out_channels(block, channels, shape, _on_meta(block, dict(opt, type=spec['type']), where))
         adapter = None
         if out_ch != channels:
             if out_ch < channels:
@@ -289,13 +289,23 @@ class NonLocalInjection(nn.Module):
             adapter = identity_adapter(out_ch, channels)
         return InsertedBlock(spec['after'], block, adapter)
 
-    @torch.no_grad()
-    def _block_out_channels(self, block, channels, shape):
+    def _block_out_channels(self, block, channels, shape, shaper):
+        """The block's output channels: its ``num_out_ch``, else one forward of ``shaper`` (its meta copy) at the
+        insertion shape, and of the block itself only where the meta copy cannot run."""
         out_ch = getattr(block, 'num_out_ch', None)
         if isinstance(out_ch, int):
             return out_ch
         if shape is None:
             return channels
+        if shaper is not block:
+            try:
+                return self._forward_channels(shaper, shape)
+            except Exception:  # noqa: BLE001  (a block that does not run on meta runs as it is)
+                pass
+        return self._forward_channels(block, shape)
+
+    @torch.no_grad()
+    def _forward_channels(self, block, shape):
         p = next(block.parameters(), None)
         device = p.device if p is not None else next(self.base.parameters()).device
         was = {m: m.training for m in block.modules()}
