@@ -17,7 +17,6 @@ block's constructor unchanged. Channel arguments left out (``num_in_ch`` or else
 """
 import difflib
 import inspect
-import math
 import os
 import threading
 
@@ -51,8 +50,10 @@ class _InsertionHook:
         return None
 
 
-#: Largest input (elements) on which a block's start as the identity is checked at construction.
-IDENTITY_CHECK_ELEMENTS = 2**18
+#: Largest side of the input on which a block's start as the identity is checked at construction: the check
+#: is about the block's initial weights, which any size shows, and a window or global attention over a large
+#: insertion shape (a big ``probe_size``, after an upsampler) would cost far more than the check is worth.
+IDENTITY_CHECK_SIDE = 16
 
 
 def _on_meta(module, spec, where):
@@ -318,16 +319,14 @@ class NonLocalInjection(nn.Module):
 
     @torch.no_grad()
     def _warn_unless_identity(self, shapes):
-        """Each block on a random input of its insertion point's shape gives that input back: then the network
-        computes what the base computes. Skipped on ``meta`` and for inputs over :data:`IDENTITY_CHECK_ELEMENTS`
-        (a large ``probe_size`` or upscale: the check would cost more memory than it is worth)."""
+        """Each block on a random input of its insertion point's shape (sides cut to :data:`IDENTITY_CHECK_SIDE`)
+        gives that input back: then the network computes what the base computes. Skipped on ``meta``."""
         p = next(self.blocks.parameters(), None)
         if p is None or p.is_meta:
             return
         same = True
         for block, shape in zip(self.blocks, shapes):
-            if math.prod(shape) > IDENTITY_CHECK_ELEMENTS:
-                continue
+            shape = (*shape[:2], *(min(side, IDENTITY_CHECK_SIDE) for side in shape[2:]))
             modes = {m: m.training for m in block.modules()}
             block.eval()
             try:
