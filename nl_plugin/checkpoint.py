@@ -96,7 +96,8 @@ def set_rng_state(state: dict) -> None:
 
 def run_identity(opt: dict) -> dict:
     """What a training state records of its run, to be compared on resume: the experiment's name and the
-    spec of every network (``network_*``: ``type`` and constructor arguments)."""
+    spec of every network (``network_*``: ``type`` and constructor arguments, less the run-time ones that
+    ``weights.arch_from_opt`` drops: a resume may switch the attention kernel)."""
     nets = {k: weights.arch_from_opt(v) for k, v in sorted(opt.items())
             if k.startswith('network_') and isinstance(v, dict) and 'type' in v}
     return {'experiment': opt.get('name'), 'networks': nets}
@@ -171,8 +172,9 @@ def check_resume_state(state: dict, opt: dict, path: str, report=print) -> None:
         raise ValueError(f'{where} is a state of experiment {state.get("experiment")!r} ({theirs}), this run is '
                          f'{mine["experiment"]!r}; resume only a run\'s own states (to start from another run\'s '
                          'weights, use path:pretrain_network_g)')
-    else:
-        theirs = state.get('networks') or {}
+    else:   # an older state may record run-time choices (attention_kernel, ...): not part of the network
+        theirs = {k: weights.drop_runtime_args(v) if isinstance(v, dict) else v
+                  for k, v in (state.get('networks') or {}).items()}
         for key in sorted(set(theirs) | set(mine['networks'])):
             if theirs.get(key) != mine['networks'].get(key):
                 was = weights.describe(theirs[key]) if key in theirs else 'none'

@@ -32,6 +32,8 @@ import math
 import os
 import pickle
 import re
+import reprlib
+import zipfile
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping
 from copy import deepcopy
@@ -50,6 +52,17 @@ options (dict), the parameter key it came from and the file's path."""
 
 class WeightsError(ValueError):
     """A weight file that cannot be read or does not fit the network (one-line message naming the file)."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def _short(value: object) -> str:
+    """``repr`` of a value a file gave, cut short: messages stay one short line whatever the file holds
+    (multi-MB strings, containers nested deeper than ``repr`` can recurse)."""
+    return _REPR.repr(value)
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,6 +103,37 @@ def arch_from_opt(net_opt: Mapping) -> dict:
     if spec['type'] == 'NonLocalInjection':   # the file holds the trained base: the start point is not part of it
         spec.pop('base_pretrained', None)
         spec.pop('base_param_key', None)
+    return drop_runtime_args(spec)
+
+
+def _registered(kind: object) -> type | None:
+    """The class registered as ``kind`` (BasicSR's ``_basicsr`` suffix rule), None if none; no did-you-mean
+    search over what may be a hostile multi-MB name."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    import nl_plugin  # noqa: F401  (registers the archs)
+    if not isinstance(kind, str):
+        return None
+    return ARCH_REGISTRY._obj_map.get(kind) or ARCH_REGISTRY._obj_map.get(f'{kind}_basicsr')
+
+
+def drop_runtime_args(spec: Mapping) -> dict:
+    """``spec`` without the arguments its class declares in ``RUNTIME_ARGS`` (``attention_kernel``,
+    ``logit_memory_gb``: they describe a machine, not a model), also in a ``NonLocalInjection``'s base and blocks."""
+    spec = dict(spec)
+    cls = _registered(spec.get('type'))
+    for key in getattr(cls, 'RUNTIME_ARGS', ()):
+        spec.pop(key, None)
+    if cls is not None and cls.__name__ == 'NonLocalInjection':   # one level: a base is no injection network
+        def drop(entry):
+            if not isinstance(entry, Mapping):
+                return entry
+            keys = getattr(_registered(entry.get('type')), 'RUNTIME_ARGS', ())
+            return {k: v for k, v in entry.items() if k not in keys}
+        if 'base' in spec:
+            spec['base'] = drop(spec['base'])
+        if isinstance(spec.get('blocks'), (list, tuple)):
+            spec['blocks'] = [drop(b) for b in spec['blocks']]
     return spec
 
 
@@ -202,16 +246,55 @@ def _read_pth(path):
     if magic != b'PK\x03\x04' and magic[:1] != b'\x80':   # torch.save writes a zip archive (legacy: a pickle)
         raise WeightsError(f'{path}: cannot be read as a PyTorch weight file (neither a zip archive nor a pickle; '
                            f'starts with {magic!r})')
+    if magic == b'PK\x03\x04':
+        _check_stored(path)
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise WeightsError(f'{path}: holds a {type(obj).__name__}, not a state dict')
-    dicts = {k: v for k, v in obj.items() if k in PARAM_KEYS or (isinstance(v, dict) and k.startswith('params'))}
+    dicts = {k: v for k, v in obj.items() if isinstance(k, str) and (k in PARAM_KEYS or (isinstance(v, dict)
+                                                                                          and k.startswith('params')))}
     if not dicts:
         tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
         if not tensors:
-            raise WeightsError(f'{path}: no state dict found (top-level keys: {sorted(obj)[:10]})')
+            raise WeightsError(f'{path}: no state dict found (top-level keys: {_short(sorted(map(str, obj)))})')
         dicts = {'params': tensors}
     return dicts, obj.get(ARCH_KEY), obj.get(PIPELINE_KEY) or {}
+
+
+def _check_stored(path):
+    """torch.save stores a zip's records uncompressed; torch.load also inflates deflated ones, so a few KB could
+    unpack to GBs before any check runs: refuse compressed records, reading only the zip's directory."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise WeightsError(f'{path}: cannot be read as a PyTorch weight file ({err})') from None
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise WeightsError(f'{path}: record {_short(packed[0])} is compressed, which torch.save never writes; '
+                           'the file is refused (it could unpack to far more memory than it holds)')
+
+
+def _view(t: torch.Tensor) -> tuple:
+    """What makes two tensors the same memory: storage, offset, shape, strides, dtype."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+
+def _check_backed(dicts: Mapping[str, Mapping[str, torch.Tensor]], path: str) -> None:
+    """Every element of every tensor is backed by its own bytes of the file: a tensor with stride 0, or views
+    that overlap, keep their full shape and would pass the shape check, and the network built for them would
+    allocate GBs for a file of KBs. The same view under two names (tied weights) counts once here;
+    :func:`check_fits` refuses it where the network does not tie those weights."""
+    views, storages = {}, {}
+    for sd in dicts.values():
+        for t in sd.values():
+            views[_view(t)] = t.numel() * t.element_size()
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    claimed = sum(views.values())
+    held = sum(storages.values())
+    if claimed > held:
+        raise WeightsError(f'{path}: its tensors claim {claimed} bytes but the file holds {held} of them (tensors '
+                           'with stride 0 or overlapping views); the file is refused')
 
 
 def _read_safetensors(path):
@@ -225,17 +308,36 @@ def _read_safetensors(path):
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is no dict)
     except Exception as err:  # noqa: BLE001
         raise WeightsError(f'{path}: cannot be read as a safetensors file ({err})') from None
-    try:
-        arch = json.loads(meta[ARCH_KEY]) if ARCH_KEY in meta else None
-        pipeline = json.loads(meta[PIPELINE_KEY]) if PIPELINE_KEY in meta else {}
-        keys = json.loads(meta['param_keys']) if 'param_keys' in meta else None
-    except json.JSONDecodeError as err:
-        raise WeightsError(f'{path}: bad JSON in the safetensors header ({err})') from None
-    if keys:
+    arch, pipeline, keys = (_header_json(path, meta, k) for k in (ARCH_KEY, PIPELINE_KEY, 'param_keys'))
+    if keys is not None:
+        if not (isinstance(keys, list) and keys and len(keys) <= _MAX_LIST and all(map(_is_param_key, keys))):
+            raise WeightsError(f'{path}: param_keys={_short(keys)} is not a list of parameter keys (params, '
+                               'params_ema, params_*) in the safetensors header')
         dicts = {pk: {k[len(pk) + 1:]: v for k, v in tensors.items() if k.startswith(pk + '.')} for pk in keys}
     else:
-        dicts = {meta.get('param_key', 'params'): tensors}
-    return dicts, arch, pipeline
+        key = meta.get('param_key', 'params')
+        if not _is_param_key(key):
+            raise WeightsError(f'{path}: param_key={_short(key)} is not a parameter key (params, params_ema, '
+                               'params_*) in the safetensors header')
+        dicts = {key: tensors}
+    return dicts, arch, {} if pipeline is None else pipeline
+
+
+def _is_param_key(key: object) -> bool:
+    return isinstance(key, str) and (key in PARAM_KEYS or key.startswith('params')) and len(key) <= _MAX_STR
+
+
+def _header_json(path, meta, key):
+    """The JSON value of a safetensors header entry (None when absent); one line for what is no JSON or is
+    nested deeper than Python's parser recurses."""
+    if key not in meta:
+        return None
+    try:
+        return json.loads(meta[key])
+    except RecursionError:
+        raise WeightsError(f'{path}: bad JSON in the safetensors header ({key}: nested too deep)') from None
+    except ValueError as err:
+        raise WeightsError(f'{path}: bad JSON in the safetensors header ({key}: {err})') from None
 
 
 def _check_finite(dicts: Mapping[str, Mapping[str, torch.Tensor]], path: str) -> None:
@@ -244,7 +346,7 @@ def _check_finite(dicts: Mapping[str, Mapping[str, torch.Tensor]], path: str) ->
         for name, t in sd.items():
             if torch.is_tensor(t) and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
                 where = name if len(dicts) == 1 else f'{pk}.{name}'
-                raise WeightsError(f'{path}: tensor {where!r} holds NaN or Inf values; the file is refused '
+                raise WeightsError(f'{path}: tensor {_short(where)} holds NaN or Inf values; the file is refused '
                                    '(a diverged or damaged training run?)')
 
 
@@ -264,11 +366,13 @@ def read_all(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]
     reader = _read_safetensors if format_of(path) == 'safetensors' else _read_pth
     dicts, arch, pipeline = reader(path)
     if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get('type'), str)):
-        raise WeightsError(f'{path}: bad "{ARCH_KEY}" entry {arch!r} (expected {{"type": NAME, ...}})')
-    bad = [pk for pk, sd in dicts.items() if not isinstance(sd, dict) or not all(map(torch.is_tensor, sd.values()))]
+        raise WeightsError(f'{path}: bad "{ARCH_KEY}" entry {_short(arch)} (expected {{"type": NAME, ...}})')
+    bad = [pk for pk, sd in dicts.items() if not isinstance(sd, dict) or not all(map(torch.is_tensor, sd.values()))
+           or not all(isinstance(k, str) for k in sd)]
     if bad:
-        raise WeightsError(f'{path}: entry {bad[0]!r} is not a state dict of tensors')
+        raise WeightsError(f'{path}: entry {_short(bad[0])} is not a state dict of tensors named by text')
     dicts = {pk: strip_module_prefix(sd) for pk, sd in dicts.items()}
+    _check_backed(dicts, path)
     _check_finite(dicts, path)
     return dicts, arch, dict(pipeline) if isinstance(pipeline, dict) else {}
 
@@ -289,7 +393,7 @@ def read_weights(path: str | os.PathLike, param_key: str | None = None) -> Weigh
     if param_key is None:
         param_key = 'params_ema' if 'params_ema' in dicts else next(iter(dicts))
     if param_key not in dicts:
-        raise WeightsError(f'{path}: no parameter key {param_key!r}; the file has {sorted(dicts)}')
+        raise WeightsError(f'{path}: no parameter key {param_key!r}; the file has {_short(sorted(dicts))}')
     return Weights(dicts[param_key], arch, pipeline, param_key, str(path))
 
 
@@ -314,7 +418,7 @@ def read_state_dict(path: str | os.PathLike, param_key: str | None = 'params',
     if key not in dicts and 'params' in dicts:
         key = 'params'
     if key not in dicts:
-        raise WeightsError(f'{prefix}{path}: no {param_key!r} entry (the file has {sorted(dicts)})')
+        raise WeightsError(f'{prefix}{path}: no {param_key!r} entry (the file has {_short(sorted(dicts))})')
     return dicts[key], key
 
 
@@ -375,7 +479,8 @@ ARG_LIMITS = {
     **dict.fromkeys(('depth', 'num_steps', 'num_stages', 'num_block', 'num_group', 'num_conv', 'nonlocal_every'),
                     (1, 256)),
     **dict.fromkeys(('k', 'patch_size', 'stride', 'squeeze_factor'), (1, 64)),
-    **dict.fromkeys(('search_size', 'window_size', 'probe_size'), (1, 512)),
+    **dict.fromkeys(('search_size', 'window_size'), (1, 512)),
+    'probe_size': (1, 128),
     **dict.fromkeys(('upscale', 'scale'), (1, 16)),
 }
 _OTHER_INT_LIMIT = 4096
@@ -392,10 +497,17 @@ def _registry_name(name: str) -> str:
     return name[:-len('_basicsr')] if name.endswith('_basicsr') else name
 
 
+def _names_allowed(name: str, allowed: tuple) -> bool:
+    """``name`` is one of ``allowed`` or its ``NAME_basicsr`` spelling, and the registry gives the same class for
+    both (another class registered under ``NAME_basicsr`` is not the allowed one)."""
+    plain = _registry_name(name)
+    return plain in allowed and _registered(name) in (None, _registered(plain))
+
+
 def _check_value(key: str, value: object, default: object, where: str) -> None:
     """One constructor argument from a file: a plain value of the default's kind, in range, not a path."""
     def refuse(why):
-        raise WeightsError(f'{where}: {key}={value!r} {why}; {_HINT}')
+        raise WeightsError(f'{where}: {key}={_short(value)} {why}; {_HINT}')
 
     if _PATH_NAME.search(key) and value is not None:
         hint = ' (the file holds the trained base: add --arch-opt base_pretrained=null)' \
@@ -445,7 +557,7 @@ def _check_args(cls: type, spec: Mapping, where: str, skip: tuple = ()) -> None:
         if key == 'type' or key in skip:
             continue
         if key not in params:
-            raise WeightsError(f'{where}: {key!r} is not an argument of {cls.__name__} '
+            raise WeightsError(f'{where}: {_short(key)} is not an argument of {cls.__name__} '
                                f'(its arguments: {", ".join(params)}); {_HINT}')
         _check_value(key, value, params[key].default, where)
 
@@ -470,8 +582,8 @@ def check_file_arch(spec: Mapping, where: str, check_type: bool = True, trusted:
 
     import nl_plugin  # noqa: F401  (registers the archs)
     kind = str(spec['type'])
-    if check_type and _registry_name(kind) not in FILE_ARCHS:
-        raise WeightsError(f'{where}: the file asks for architecture {kind!r}, which a weight file may not name '
+    if check_type and not _names_allowed(kind, FILE_ARCHS):
+        raise WeightsError(f'{where}: the file asks for architecture {_short(kind)}, which a weight file may not name '
                            f'(allowed: {", ".join(FILE_ARCHS)}); {_HINT}')
     try:
         cls = ARCH_REGISTRY.get(kind)
@@ -483,18 +595,22 @@ def check_file_arch(spec: Mapping, where: str, check_type: bool = True, trusted:
     if not nested:
         return
     if args.get('base_param_key', 'params') not in (None, 'params', 'params_ema'):
-        raise WeightsError(f'{where}: base_param_key={args["base_param_key"]!r} must be params or params_ema')
-    for key, allowed, entries in (('base', INJECTION_BASES, [args.get('base')] if 'base' in args else []),
-                                  ('blocks', INJECTION_BLOCKS, list(args.get('blocks') or ()))):
-        if key in args and not isinstance(args[key], (dict, list, tuple)) or len(entries) > _MAX_LIST:
-            raise WeightsError(f'{where}: NonLocalInjection {key}={args[key]!r} is not a mapping or a list of at '
-                               f'most {_MAX_LIST} blocks; {_HINT}')
+        raise WeightsError(f'{where}: base_param_key={_short(args["base_param_key"])} must be params or params_ema')
+    if 'base' in args and not isinstance(args['base'], dict):
+        raise WeightsError(f'{where}: NonLocalInjection base={_short(args["base"])} is not a mapping '
+                           f'{{"type": NAME, ...}}; {_HINT}')
+    blocks = args.get('blocks') or []
+    if not isinstance(blocks, (list, tuple)) or len(blocks) > _MAX_LIST:
+        raise WeightsError(f'{where}: NonLocalInjection blocks={_short(blocks)} is not a list of at most {_MAX_LIST} '
+                           f'blocks; {_HINT}')
+    for key, allowed, entries in (('base', INJECTION_BASES, [args['base']] if 'base' in args else []),
+                                  ('blocks', INJECTION_BLOCKS, blocks)):
         for i, entry in enumerate(entries):
             at = f'{where}: NonLocalInjection {key}' + (f'[{i}]' if key == 'blocks' else '')
             if not isinstance(entry, dict) or not isinstance(entry.get('type'), str):
-                raise WeightsError(f'{at}: {entry!r} is not {{"type": NAME, ...}}; {_HINT}')
-            if _registry_name(entry['type']) not in allowed:
-                raise WeightsError(f'{at}: type {entry["type"]!r} may not be named by a weight file '
+                raise WeightsError(f'{at}: {_short(entry)} is not {{"type": NAME, ...}}; {_HINT}')
+            if not _names_allowed(entry['type'], allowed):
+                raise WeightsError(f'{at}: type {_short(entry["type"])} may not be named by a weight file '
                                    f'(allowed: {", ".join(allowed)}); {_HINT}')
             try:
                 entry_cls = ARCH_REGISTRY.get(entry['type'])
@@ -502,7 +618,7 @@ def check_file_arch(spec: Mapping, where: str, check_type: bool = True, trusted:
                 raise WeightsError(f'{at}: {err.args[0]}') from None
             _check_args(entry_cls, {k: v for k, v in entry.items() if k != 'after'}, at)
             if key == 'blocks' and not (isinstance(entry.get('after'), str) and len(entry['after']) <= 256):
-                raise WeightsError(f'{at}: after={entry.get("after")!r} is not a submodule name')
+                raise WeightsError(f'{at}: after={_short(entry.get("after"))} is not a submodule name')
 
 
 def resolve_arch(weights: Weights, arch_type: str | None = None, arch_opt: Mapping | None = None,
@@ -514,7 +630,8 @@ def resolve_arch(weights: Weights, arch_type: str | None = None, arch_opt: Mappi
     Returns:
         tuple[dict, str]: the spec and where it came from (``'file'``, ``'option'`` or ``'detected'``).
     """
-    spec, source = (dict(weights.arch), 'file') if weights.arch else (None, None)
+    # a file's run-time choices (an older writer stored them) are ignored: the user's --arch-opt or the default
+    spec, source = (drop_runtime_args(weights.arch), 'file') if weights.arch else (None, None)
     if arch_type:
         spec = dict(spec) if spec and spec['type'] == arch_type else {}
         spec['type'], source = arch_type, 'option'
@@ -624,11 +741,16 @@ def check_fits(spec: Mapping, state_dicts: Mapping[str, Mapping[str, torch.Tenso
     n = max(len(sd) for sd in state_dicts.values())
     meta = _build_for(spec, path, device='meta', max_objects=8 * n + 256, budget_what=f'{path} does not fit '
                       f'{describe(spec)}')
+    own = {id(t): t.numel() for t in meta.state_dict(keep_vars=True).values()}   # tied weights count once
     for key, sd in state_dicts.items():
+        label = f' ({key})' if len(state_dicts) > 1 else ''
         report = mismatch_report(meta, sd)
         if report:
-            label = f' ({key})' if len(state_dicts) > 1 else ''
             raise WeightsError(f'{path}{label} does not fit {describe(spec)}: {report}')
+        held = sum(t.numel() for t in {_view(t): t for t in sd.values()}.values())
+        if sum(own.values()) > held:   # one view of the file under several names the network does not tie
+            raise WeightsError(f'{path}{label}: {describe(spec)} has {sum(own.values())} distinct weights but the '
+                               f'file holds {held}; the file is refused')
 
 
 def load_network(path: str | os.PathLike, arch_type: str | None = None, arch_opt: Mapping | None = None,
@@ -661,4 +783,5 @@ def load_network(path: str | os.PathLike, arch_type: str | None = None, arch_opt
 
 __all__ = ['save_weights', 'read_weights', 'read_all', 'read_state_dict', 'existing_weight_file', 'load_network',
            'build_network', 'check_fits', 'check_file_arch', 'resolve_arch', 'arch_from_opt', 'mismatch_report',
-           'strip_module_prefix', 'check_save_format', 'to_bytes', 'Weights', 'WeightsError', 'FILE_ARCHS']
+           'strip_module_prefix', 'check_save_format', 'drop_runtime_args', 'to_bytes', 'Weights', 'WeightsError',
+           'FILE_ARCHS']

@@ -130,6 +130,10 @@ class NLRN(nn.Module):
             the free device memory, ``router.LOGIT_MEMORY_SHARE``).
     """
 
+    #: Constructor arguments that choose how this machine computes, not what: not stored with the weights
+    #: (``weights.arch_from_opt``), ignored where a file gives them, not compared on resume.
+    RUNTIME_ARGS = ('attention_kernel', 'logit_memory_gb')
+
     def __init__(self, num_in_ch: int = 1, num_out_ch: int = 1, num_feat: int = 128, num_embed: int = 64,
                  num_steps: int = 12, nl_scope: str = 'global', window_size: int = 45, border: str = 'exclude',
                  correlation: str = 'embedded_gaussian', share_weights: bool = True, nonlocal_every: int = 1,

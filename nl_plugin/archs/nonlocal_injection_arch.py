@@ -50,6 +50,25 @@ class _InsertionHook:
         return None
 
 
+#: Largest side of the input on which a block's start as the identity is checked at construction: the check
+#: is about the block's initial weights, which any size shows, and a window or global attention over a large
+#: insertion shape (a big ``probe_size``, after an upsampler) would cost far more than the check is worth.
+IDENTITY_CHECK_SIDE = 16
+
+
+def _on_meta(module, spec, where):
+    """``module`` itself if it lives on ``meta``, else the same architecture built there from ``spec`` (shapes
+    only: a probe forward at any size allocates nothing); ``module`` where the architecture does not build on
+    ``meta`` (then the probe runs for real, as a network the user names may need)."""
+    p = next(module.parameters(), None)
+    if p is None or p.is_meta:
+        return module
+    try:
+        return weights.build_network(spec, where=where, device='meta').to(p.dtype)
+    except Exception:  # noqa: BLE001  (any base: what fails on meta runs as it is)
+        return module
+
+
 class InsertedBlock(nn.Module):
     """A block inserted into a base network, followed by its channel adapter if it has one.
 
@@ -165,8 +184,9 @@ class NonLocalInjection(nn.Module):
             load_base_weights(self.base, base_pretrained, base_param_key)
         specs = [self._check_spec(i, spec) for i, spec in enumerate(blocks or [])]
         self.injection_key = object()     # a deep copy gets its own key, and its hooks the same new key
-        probe = self._probe_input(base, probe_size)
-        shapes, out_shape = self._probe(probe, [s['after'] for s in specs])
+        shaper = _on_meta(self.base, base, 'network_g:base')
+        probe = self._probe_input(shaper, base, probe_size)
+        shapes, out_shape = self._probe(shaper, probe, [s['after'] for s in specs])
         self.upscale = out_shape[-1] // probe.shape[-1] if out_shape else int(getattr(self.base, 'upscale', 1) or 1)
         self.blocks = nn.ModuleList()
         modules = dict(self.base.named_modules())
@@ -175,7 +195,7 @@ class NonLocalInjection(nn.Module):
             self.blocks.append(self._build_block(i, spec, channels, shapes.get(spec['after'])))
             modules[spec['after']].register_forward_hook(_InsertionHook(self.injection_key, i))
         if out_shape and specs:
-            self._warn_unless_identity(probe)
+            self._warn_unless_identity([shapes[s['after']] for s in specs])
 
     # ------------------------------------------------------------------ construction
     def _check_spec(self, i, spec):
@@ -190,29 +210,32 @@ class NonLocalInjection(nn.Module):
                            f'Submodules there: {", ".join(near)}')
         return dict(spec)
 
-    def _probe_input(self, base_opt, size):
-        p = next(self.base.parameters(), None)
+    @staticmethod
+    def _probe_input(base, base_opt, size):
+        p = next(base.parameters(), None)
         in_ch = base_opt.get('num_in_ch')
         if in_ch is None:
-            first = next((m for m in self.base.modules() if isinstance(m, nn.Conv2d)), None)
+            first = next((m for m in base.modules() if isinstance(m, nn.Conv2d)), None)
             in_ch = first.in_channels if first is not None else 3
         return torch.zeros(1, int(in_ch), size, size, device=p.device if p is not None else None,
                            dtype=p.dtype if p is not None else None)
 
+    @staticmethod
     @torch.no_grad()
-    def _probe(self, x, names):
-        """Output shapes of the named submodules in one small forward of the base: ({name: shape}, out shape)."""
+    def _probe(base, x, names):
+        """Output shapes of the named submodules in one forward of ``base`` (a meta copy where it builds there,
+        so only shapes are computed): ({name: shape}, out shape)."""
         shapes, calls, handles = {}, {}, []
-        modules = dict(self.base.named_modules())
+        modules = dict(base.named_modules())
         for name in set(names):
             def record(module, args, output, name=name):
                 calls[name] = calls.get(name, 0) + 1
                 shapes[name] = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
             handles.append(modules[name].register_forward_hook(record))
-        modes = {m: m.training for m in self.base.modules()}
-        self.base.eval()
+        modes = {m: m.training for m in base.modules()}
+        base.eval()
         try:
-            out = self.base(x)
+            out = base(x)
             out_shape = tuple(out.shape) if torch.is_tensor(out) else None
         except Exception as err:   # any base: fall back to the modules' channel counts
             get_root_logger().warning(f'NonLocalInjection: probe forward of the base failed ({err}); '
@@ -259,7 +282,7 @@ class NonLocalInjection(nn.Module):
         if 'num_out_ch' in params:
             opt.setdefault('num_out_ch', channels)
         block = weights.build_network(dict(opt, type=spec['type']), where=where)
-        out_ch = self._block_out_channels(block, channels, shape)
+        out_ch = self._block_out_channels(block, channels, shape, _on_meta(block, dict(opt, type=spec['type']), where))
         adapter = None
         if out_ch != channels:
             if out_ch < channels:
@@ -267,34 +290,51 @@ class NonLocalInjection(nn.Module):
             adapter = identity_adapter(out_ch, channels)
         return InsertedBlock(spec['after'], block, adapter)
 
-    @torch.no_grad()
-    def _block_out_channels(self, block, channels, shape):
+    def _block_out_channels(self, block, channels, shape, shaper):
+        """The block's output channels: its ``num_out_ch``, else one forward of ``shaper`` (its meta copy) at the
+        insertion shape, and of the block itself only where the meta copy cannot run."""
         out_ch = getattr(block, 'num_out_ch', None)
         if isinstance(out_ch, int):
             return out_ch
-        p = next(self.base.parameters())
-        if shape is None or p.is_meta:
+        if shape is None:
             return channels
+        if shaper is not block:
+            try:
+                return self._forward_channels(shaper, shape)
+            except Exception:  # noqa: BLE001  (a block that does not run on meta runs as it is)
+                pass
+        return self._forward_channels(block, shape)
+
+    @torch.no_grad()
+    def _forward_channels(self, block, shape):
+        p = next(block.parameters(), None)
+        device = p.device if p is not None else next(self.base.parameters()).device
         was = {m: m.training for m in block.modules()}
-        block.to(p.device).eval()
+        block.eval()
         try:
-            return block(torch.zeros(shape, device=p.device, dtype=p.dtype)).shape[1]
+            return block(torch.zeros(shape, device=device, dtype=p.dtype if p is not None else None)).shape[1]
         finally:
             for m, mode in was.items():
                 m.training = mode
 
     @torch.no_grad()
-    def _warn_unless_identity(self, probe):
-        if probe.is_meta:
+    def _warn_unless_identity(self, shapes):
+        """Each block on a random input of its insertion point's shape (sides cut to :data:`IDENTITY_CHECK_SIDE`)
+        gives that input back: then the network computes what the base computes. Skipped on ``meta``."""
+        p = next(self.blocks.parameters(), None)
+        if p is None or p.is_meta:
             return
-        modes = {m: m.training for m in self.modules()}
-        self.eval()
-        try:
-            x = torch.rand(probe.shape, generator=torch.Generator().manual_seed(0)).to(probe)
-            same = torch.equal(self(x), self.base(x))
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        same = True
+        for block, shape in zip(self.blocks, shapes):
+            shape = (*shape[:2], *(min(side, IDENTITY_CHECK_SIDE) for side in shape[2:]))
+            modes = {m: m.training for m in block.modules()}
+            block.eval()
+            try:
+                x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(p)
+                same = same and torch.equal(block(x), x)
+            finally:
+                for m, mode in modes.items():
+                    m.training = mode
         if not same:
             get_root_logger().warning('NonLocalInjection: the inserted blocks do not start as the identity; the '
                                       'network does not reproduce the base at initialisation')

@@ -70,6 +70,9 @@ class WindowedNonLocalBlock(nn.Module):
             (dense logits, either scope). Same result; speed and memory differ. Default: 'auto'.
     """
 
+    #: How this machine computes, not what (see ``NLRN.RUNTIME_ARGS``).
+    RUNTIME_ARGS = ('attention_kernel',)
+
     def __init__(self, num_feat: int = 128, num_embed: int = 64, correlation: str = 'embedded_gaussian',
                  nl_scope: str = 'window', window_size: int = 45, border: str = 'exclude',
                  attention_kernel: str = 'auto'):

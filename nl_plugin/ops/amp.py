@@ -15,11 +15,16 @@ __all__ = ['compute_dtype', 'accum_dtype', 'to_compute', 'to_accum', 'full_preci
 _LOW = (torch.float16, torch.bfloat16)
 
 
+def _autocast_on(dev: str) -> bool:
+    # the meta device (shape-only forwards, e.g. NonLocalInjection's probe) has no autocast state to ask
+    return dev != 'meta' and torch.is_autocast_enabled(dev)
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """Dtype of a matrix product of ``t`` here: the autocast dtype of ``t``'s device when autocast is on
     (for floating ``t`` of at most fp32), else ``t.dtype``."""
     dev = t.device.type
-    if t.dtype in (torch.float32, *_LOW) and torch.is_autocast_enabled(dev):
+    if t.dtype in (torch.float32, *_LOW) and _autocast_on(dev):
         return torch.get_autocast_dtype(dev)
     return t.dtype
 
@@ -50,7 +55,7 @@ def full_precision(fn, x: torch.Tensor) -> torch.Tensor:
     +0.01 dB. With one to eight output channels it is a small share of the flops.
     """
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+    if not _autocast_on(dev):
         return fn(x)
     with torch.autocast(dev, enabled=False):
         return fn(to_accum(x))
