@@ -4,17 +4,13 @@ import numpy as np
 import torch
 import yaml
 
+from nl_plugin.utils import key_value_arg
 from nl_plugin.weights import WeightsError, build_network, mismatch_report, read_state_dict
 
 
 def parse_overrides(items):
     """``['key=value', ...]`` -> dict, values read as YAML (``window_size=45``, ``nl_scope=window``, ``x=~``)."""
-    out = {}
-    from nl_plugin.utils import key_value_arg
-    for item in items or ():
-        key, value = key_value_arg(item)
-        out[key] = value
-    return out
+    return dict(key_value_arg(item) for item in items or ())
 
 
 def load_checkpoint(net, path, param_key='params'):
