@@ -43,6 +43,19 @@ UNAVAILABLE = ('Urban100', 'BSD100')
 _CHUNK = 1 << 20
 
 
+def how_to_prepare(name, out='datasets'):
+    """What to do about a missing set ``name``: the command that prepares it, or where to put its images."""
+    if name in UNAVAILABLE:
+        return f'no checksummed public copy of {name} is known: put its images into {osp.join(out, name)}'
+    try:
+        known = name in read_manifest()
+    except (OSError, ValueError):
+        known = False
+    if not known:
+        return f'put its images into {osp.join(out, name)}'
+    return f'prepare it with: python scripts/prepare_datasets.py --sets {name} --out {out}'
+
+
 class PrepareError(ValueError):
     """A set cannot be prepared; the one-line message names the file, set or value."""
 
