@@ -8,6 +8,7 @@ setup(
     long_description=open('README.md', encoding='utf-8').read() if __import__('os').path.exists('README.md') else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['nl_plugin', 'nl_plugin.*']),
+    package_data={'nl_plugin.data': ['manifests/*.sha256']},  # scripts/prepare_datasets.py's checksums
     license='Apache-2.0',
     python_requires='>=3.11',
     install_requires=[

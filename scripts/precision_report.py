@@ -21,6 +21,16 @@ For every architecture (a small NLRN in the window scope, a small N3Net) the scr
    training difference: short trainings differ by a few tenths of a dB from seed to seed). ``--json``
    writes the figures.
 
+With ``--weights`` it evaluates given trained weights instead of training (e.g. the released N3Net):
+
+    python scripts/precision_report.py --work /tmp/bf16report --weights 051_ckpt.t7 --images datasets/BSD68 \
+        --time-images astronaut test001 --time-repeats 5
+
+per-image PSNR (float output, unclipped) of fp32 and bf16 inference on the full-size photographs and on every
+image of ``--images`` folders (noise of ``--sigma`` seeded by the image name), the worst and the mean change,
+and the time of fp32 and bf16 inference on ``--time-images``: fp32 and bf16 runs interleaved (so that a load
+from other processes hits both alike), medians and their ratio.
+
 Training uses the given number of threads (``OMP_NUM_THREADS``, default 2); expect a few minutes per run.
 """
 import argparse
@@ -169,9 +179,70 @@ def print_table(arch, rows, iters, seeds):
             'fp32_seed_spread': spread}
 
 
+def weights_report(args):
+    """``--weights``: bf16 vs fp32 inference of given weights, PSNR per image and interleaved timing."""
+    import statistics
+    import time
+
+    import torch
+
+    from nl_plugin.analysis.reproduce import load_model, noisy_pairs
+    torch.set_flush_denormal(True)  # as the N3Net inference does by itself
+    folders = [full_size_val(args.work)] + list(args.images or [])
+    pairs = [(osp.basename(f), n, lq, gt) for f in folders for n, lq, gt in noisy_pairs(f, args.sigma)]
+    report = {}
+    for path in args.weights:
+        net, arch = load_model(path)
+        rows = []
+        for folder, name, lq, gt in pairs:
+            p32 = psnr_float(restore(net, lq, None), gt)
+            p16 = psnr_float(restore(net, lq, torch.bfloat16), gt)
+            rows.append({'folder': folder, 'image': name, 'size': f'{gt.shape[3]}x{gt.shape[2]}', 'fp32': p32,
+                         'bf16': p16, 'bf16_minus_fp32': p16 - p32})
+            print(f"{folder:<10}{name:<12}{rows[-1]['size']:>9}{p32:9.3f}{p16:9.3f}{p16 - p32:+9.4f}", flush=True)
+        by_folder = {}
+        for r in rows:
+            by_folder.setdefault(r['folder'], []).append(r['bf16_minus_fp32'])
+        summary = {f: {'images': len(v), 'worst': min(v), 'mean': sum(v) / len(v)} for f, v in by_folder.items()}
+        for f, v in summary.items():
+            print(f"{path} {f}: {v['images']} images, bf16 - fp32 worst {v['worst']:+.4f} dB, mean {v['mean']:+.4f} dB")
+        timing = {}
+        for folder, name, lq, _ in pairs:
+            if name not in (args.time_images or []):
+                continue
+            t = {'fp32': [], 'bf16': []}
+            restore(net, lq, torch.bfloat16)  # warm-up of both paths
+            restore(net, lq, None)
+            for _ in range(args.time_repeats):
+                for key, dtype in (('fp32', None), ('bf16', torch.bfloat16)):
+                    t0 = time.perf_counter()
+                    restore(net, lq, dtype)
+                    t[key].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in t.items()}
+            timing[name] = {'fp32_s': med['fp32'], 'bf16_s': med['bf16'], 'ratio': med['fp32'] / med['bf16'],
+                            'runs': t, 'load_avg_1min': os.getloadavg()[0]}
+            print(f"time {name} ({lq.shape[3]}x{lq.shape[2]}): fp32 {med['fp32']:.2f} s, bf16 {med['bf16']:.2f} s "
+                  f"(medians of {args.time_repeats}, interleaved), fp32/bf16 {med['fp32'] / med['bf16']:.2f}x; "
+                  f'load {os.getloadavg()[0]:.1f}', flush=True)
+        report[path] = {'arch': arch, 'rows': rows, 'summary': summary, 'timing': timing}
+    return report
+
+
+def psnr_float(out, gt):
+    """PSNR of the float output, neither clipped nor rounded (the papers' metric)."""
+    mse = float(((out.double() - gt.double())**2).mean())
+    return 10 * math.log10(1.0 / mse)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--data', required=True, help='folder written by scripts/prepare_demo_data.py')
+    ap.add_argument('--data', help='folder written by scripts/prepare_demo_data.py (for the trainings)')
+    ap.add_argument('--weights', nargs='+', help='evaluate these trained weights (.pth, official N3Net .t7) '
+                    'instead of training')
+    ap.add_argument('--images', nargs='+', help='--weights: also these image folders (e.g. datasets/BSD68)')
+    ap.add_argument('--sigma', type=float, default=25, help='--weights: noise sigma (default 25)')
+    ap.add_argument('--time-images', nargs='+', help='--weights: time fp32 and bf16 on these images (names)')
+    ap.add_argument('--time-repeats', type=int, default=5, help='--weights: interleaved repeats (default 5)')
     ap.add_argument('--work', required=True, help='folder for option files, experiments and results')
     ap.add_argument('--arch', nargs='+', default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument('--iters', type=int, default=600, help='training iterations of every run')
@@ -182,6 +253,18 @@ def main():
                     'spread of short runs over seeds is the yardstick for the bf16-vs-fp32 training difference)')
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
+    if args.weights:
+        import torch
+
+        import nl_plugin  # noqa: F401
+        torch.set_num_threads(args.threads)
+        report = weights_report(args)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(report, f, indent=1)
+        return
+    if not args.data:
+        ap.error('--data is required to train (or give --weights)')
     if args.train_only:
         for arch, seed in ((a, sd) for a in args.arch for sd in args.seeds):
             train(arch, args.train_only, args, seed)

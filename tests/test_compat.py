@@ -146,3 +146,19 @@ def test_fix8_bad_option_leaves_existing_experiment_untouched(tmp_path):
         compat.make_exp_dirs(opt)
     assert sorted(os.listdir(tmp_path / 'experiments')) == ['run']  # nothing archived, nothing created
     assert (root / 'models' / 'net_g_2.pth').read_bytes() == b'previous run'
+
+
+def test_fix15_missing_test_sets_are_skipped_with_one_line(tmp_path, capsys):
+    (tmp_path / 'BSD68').mkdir()
+    sets = {'test_1': {'name': 'BSD68', 'dataroot_gt': str(tmp_path / 'BSD68')},
+            'test_2': {'name': 'Set12', 'dataroot_gt': str(tmp_path / 'Set12')},
+            'test_3': {'name': 'Urban100', 'dataroot_gt': str(tmp_path / 'Urban100')}}
+    opt = compat.skip_missing_test_sets({'datasets': dict(sets), 'rank': 0})
+    assert list(opt['datasets']) == ['test_1']
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f'test set Set12 skipped: {tmp_path / "Set12"} not found; prepare it with: '
+                      f'python scripts/prepare_datasets.py --sets Set12 --out {tmp_path}')
+    assert err[1].startswith('test set Urban100 skipped') and len(err) == 2
+    # none present: left to the usual error (fix 8), which names the first folder
+    opt = compat.skip_missing_test_sets({'datasets': {k: sets[k] for k in ('test_2', 'test_3')}})
+    assert list(opt['datasets']) == ['test_2', 'test_3'] and not capsys.readouterr().err

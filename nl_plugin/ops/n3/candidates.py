@@ -4,7 +4,7 @@ from functools import lru_cache
 
 import torch
 
-from ..amp import accum_dtype, to_accum, to_compute
+from ..amp import accum_dtype, to_accum
 
 __all__ = ['search_starts', 'candidate_index', 'all_pairs_index', 'patch_sqdist', 'aggregate_patches']
 
@@ -87,10 +87,10 @@ def patch_sqdist(query: torch.Tensor, keys: torch.Tensor, index: torch.Tensor) -
         index (LongTensor): (L, M) or (B, L, M) candidate indices into ``keys``.
 
     Returns:
-        Tensor: (B, L, M), ``||query[l] - keys[index[l, m]]||^2``, in at least fp32; under autocast, of the
-        embeddings rounded to the autocast dtype (the distances that the tiled products see).
+        Tensor: (B, L, M), ``||query[l] - keys[index[l, m]]||^2``, in at least fp32 also under autocast (as
+        the tiled version: bf16 distances cost PSNR, see ``tiled_patch_sqdist``).
     """
-    query, keys = to_accum(to_compute(query)), to_accum(to_compute(keys))
+    query, keys = to_accum(query), to_accum(keys)
     cand = _gather_rows(keys, index)  # (B, L, M, D)
     return (query.unsqueeze(2) - cand).pow(2).sum(-1)
 

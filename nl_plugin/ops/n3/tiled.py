@@ -169,8 +169,8 @@ def tiled_patch_sqdist(emb: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     Per tile, ``|q|^2 + |u|^2 - 2 q.u`` against its union (one batched matrix product), then the
     candidate columns are picked with ``plan.local``. Time and memory linear in the image area.
 
-    Under ``torch.autocast`` the products ``q.u`` run in the autocast dtype; the norms, their sum with the
-    products and the distances are fp32 (see the comment in the code).
+    Under ``torch.autocast`` the products ``q.u``, the norms and the distances are fp32 (see the comment in
+    the code).
 
     Args:
         emb (Tensor): (B, L, D) embedding patches on the plan's ``nh x nw`` grid.
@@ -184,33 +184,31 @@ def tiled_patch_sqdist(emb: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     if n_q != plan.nh * plan.nw:
         raise ValueError(f'{n_q} patches do not match the {plan.nh}x{plan.nw} plan')
     q_len, u_len, m = plan.query.shape[1], plan.union.shape[1], plan.local.shape[2]
-    # Precision under autocast: the products q.u (the flops) take the autocast dtype; the norms, the sum
-    # |q|^2 + |u|^2 - 2 q.u and the distances are fp32 (the logits -d / T, T ~ 0.1, magnify any error of d).
-    # Norms are of the embedding as the product sees it (rounded to its dtype), so d is the distance of one
-    # embedding up to the rounding of q.u (at most 2^-8 of it in bf16). That is large for close pairs relative
-    # to their d (a small difference of large terms) yet measured harmless: on trained N3Nets, bf16 inference
-    # with the N3 block in bf16 and with it in fp32 gave the same PSNR within 0.002 dB on the demo photos
-    # (scripts/precision_report.py networks; the output conv, not this, was what moved it: ops.amp.full_precision).
-    cdt, unscale = compute_dtype(emb), None
-    if cdt == torch.float16:  # fp16 ends at 65504: scale by a power of 2 (exact) so that every |q|, |u| <= 1
-        scale = torch.exp2(-torch.ceil(torch.log2(to_accum(emb).norm(dim=-1).amax().clamp_min(1e-30))))
-        emb, unscale = emb * scale, scale.pow(-2)
-    emb = emb.to(cdt, memory_format=torch.contiguous_format).contiguous()  # index_select copied a strided one per call
-    sq = to_accum(emb).pow(2).sum(-1)  # (B, L)
+    # Precision under autocast: the products q.u run in fp32 (autocast off), on the embedding as the embedding
+    # CNN wrote it (in the autocast dtype). d = |q|^2 + |u|^2 - 2 q.u is a small difference of large terms for
+    # the close pairs that decide the neighbours, and the logits -d / T (T ~ 0.1) magnify its error: with the
+    # products in bf16 (relative rounding 2^-8 of q.u), the released N3Net sigma-25 weights lost up to 0.056 dB
+    # per image (astronaut 512x512 -0.056, BSD68 test002 -0.056, camera -0.035); with them in fp32 at most
+    # 0.036 dB on any BSD68 image and 0.0065 dB on its mean (scripts/precision_report.py --weights), and the
+    # embedding CNN or the aggregation product in fp32 changed nothing further (0.001 dB). The fp32 products
+    # cost about a tenth of the bf16 time; bf16 stays 1.8x faster than fp32 (README "Mixed precision").
+    emb = to_accum(emb).contiguous()  # index_select copied a strided one per call
+    sq = emb.pow(2).sum(-1)  # (B, L)
     out = []
     for lo, hi in _tile_chunks(plan, b * (q_len + u_len) * d + b * q_len * u_len):
         nt = hi - lo
         qi, ui = plan.query[lo:hi], plan.union[lo:hi]
         q = emb.index_select(1, qi.reshape(-1)).view(b * nt, q_len, d)
         u = emb.index_select(1, ui.reshape(-1)).view(b * nt, u_len, d)
-        dots = torch.bmm(q, u.transpose(1, 2)).view(b, nt, q_len, u_len)
+        with torch.autocast(emb.device.type, enabled=False):
+            dots = torch.bmm(q, u.transpose(1, 2)).view(b, nt, q_len, u_len)
         local = plan.local[lo:hi].expand(b, -1, -1, -1)
         dots = torch.gather(dots, 3, local)  # (B, nt, Q, M)
         qq = sq[:, qi].unsqueeze(-1)
         uu = torch.gather(sq[:, ui].unsqueeze(2).expand(-1, -1, q_len, -1), 3, local)
         out.append((qq + uu - 2 * dots).clamp_min(0).reshape(b, nt * q_len, m))
     dist = torch.cat(out, 1) if len(out) > 1 else out[0]
-    return dist[:, plan.slot] if unscale is None else dist[:, plan.slot] * unscale
+    return dist[:, plan.slot]
 
 
 def tiled_aggregate_fold(logits: torch.Tensor | Sequence[torch.Tensor | None], values: torch.Tensor, plan: TilePlan,
