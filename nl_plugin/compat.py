@@ -372,9 +372,11 @@ def skip_missing_test_sets(opt):
     return opt
 
 
-def test_parse_options(root_path, is_train=False):
+def parse_test_options(root_path: str, is_train: bool = False) -> tuple[dict, object]:
+    """``parse_options`` of ``basicsr test`` (fix 7), less the test sets that are not there (fix 15)."""
     opt, args = parse_options(root_path, is_train=is_train)
     return skip_missing_test_sets(opt), args
+
 
 _ORIGINAL = {}
 
@@ -419,5 +421,5 @@ def apply() -> None:
     registry.Registry.get = registry_get
     basicsr.archs.build_network = build_network
     sr_model.build_network = build_network  # SRModel imported the name directly
-    bsr_test.parse_options = test_parse_options  # fix 15 (on top of fix 7)
+    bsr_test.parse_options = parse_test_options  # fix 15 (on top of fix 7)
     _APPLIED = True
