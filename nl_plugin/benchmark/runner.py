@@ -37,7 +37,6 @@ CASES = {**NETWORK_CASES, **OP_CASES, **TRITON_CASES}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-
 def _status_gb(field):
     """VmRSS / VmHWM of this process in GB (Linux), or None."""
     mb = rss_mb(field)

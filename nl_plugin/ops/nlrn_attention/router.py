@@ -129,6 +129,11 @@ def route_window(*, grad: bool, normalization: str, pixels: int, prev_logits: bo
     return kernel
 
 
+def _logit_bytes(batch: int, height: int, width: int, window_size: int, border: str, element_size: int) -> int:
+    """Bytes of a batch's carried window logits in the compact layout (P entries a pixel)."""
+    return batch * height * width * window_geometry(height, width, window_size, border).p * element_size
+
+
 def _logits_fit(need: int, device: torch.device, logit_memory: Optional[int] = None) -> bool:
     """Whether carried logits of ``need`` bytes fit the ceiling: ``logit_memory`` bytes when given, else
     ``LOGIT_MEMORY_SHARE`` of the memory available on ``device``."""
@@ -165,7 +170,7 @@ def _forced_route(attention_kernel, window_size, border, normalization, grad, sh
     if carried not in (None, Layout.EMBEDDINGS):
         raise ValueError(f"attention_kernel 'halo' carries window logits or embeddings, got a {carried.value} state")
     if carried is None and propagate and \
-            _logits_fit(b * h * w * window_geometry(h, w, window_size, border).p * element_size, device, logit_memory):
+            _logits_fit(_logit_bytes(b, h, w, window_size, border, element_size), device, logit_memory):
         return Route(kernel, Layout.IMAGE if grad else Layout.BLOCKS)
     return Route(kernel, Layout.EMBEDDINGS)
 
@@ -198,14 +203,14 @@ def _step_route(window_size, border, normalization, grad, shape, element_size, d
     kernel = _window_kernel(grad, normalization, n, False, False, device, triton=carried is None)
     if kernel is Kernel.TRITON:
         # Training keeps the logits and their gradient: twice the carried tensor.
-        need = b * n * window_geometry(h, w, window_size, border).p * element_size * (2 if grad else 1)
+        need = _logit_bytes(b, h, w, window_size, border, element_size) * (2 if grad else 1)
         if not propagate or _logits_fit(need, device, logit_memory):
             return Route(kernel, Layout.IMAGE)
         kernel = _window_kernel(grad, normalization, n, False, False, device, triton=False)
     if kernel is Kernel.FLEX:
         return Route(kernel, Layout.TOKENS)
     if kernel is not Kernel.MASKED_SDPA and carried is None and propagate:
-        need = b * n * window_geometry(h, w, window_size, border).p * element_size
+        need = _logit_bytes(b, h, w, window_size, border, element_size)
         if _logits_fit(need, device, logit_memory):
             kernel = _window_kernel(grad, normalization, n, False, True, device, triton=False)
             return Route(kernel, Layout.IMAGE if grad else Layout.BLOCKS)
@@ -288,7 +293,7 @@ def route_network(*, grad: bool, training: bool, window_size: Optional[int], bor
              and attention_kernel in ('auto', 'halo', 'triton'))
     if bands:
         if band_kernel(attention_kernel, device) is Kernel.TRITON:
-            need = batch * height * width * window_geometry(height, width, window_size, border).p * 4
+            need = _logit_bytes(batch, height, width, window_size, border, 4)   # fp32 logits
             bands = not _logits_fit(need, device, logit_memory)
         else:
             bands = max(height, width) >= STREAM_WINDOWS * window_size and \
